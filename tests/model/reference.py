@@ -1,0 +1,53 @@
+"""Helpers that build FunASR's own objects (the reference) for parity tests."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def small_config(large_config: dict) -> dict:
+    """The paraformer-large config shrunk to a few blocks and 64 dims (same structure)."""
+    c = copy.deepcopy(large_config)
+    c["encoder_conf"].update(output_size=64, attention_heads=4, linear_units=96, num_blocks=3)
+    c["decoder_conf"].update(attention_heads=4, linear_units=96, num_blocks=3, att_layer_num=2)
+    c["predictor_conf"]["idim"] = 64
+    return c
+
+
+def load_config(large_dir: Path) -> dict:
+    return yaml.safe_load((large_dir / "config.yaml").read_text(encoding="utf-8"))
+
+
+def funasr_paraformer(config: dict, vocab_size: int, input_size: int = 560):
+    # importing the modules registers the classes FunASR looks up by name
+    import funasr.models.paraformer.cif_predictor  # noqa: F401
+    import funasr.models.paraformer.decoder  # noqa: F401
+    import funasr.models.sanm.encoder  # noqa: F401
+    from funasr.models.paraformer.model import Paraformer
+
+    return Paraformer(
+        encoder=config["encoder"], encoder_conf=config["encoder_conf"],
+        decoder=config["decoder"], decoder_conf=config["decoder_conf"],
+        predictor=config["predictor"], predictor_conf=config["predictor_conf"],
+        vocab_size=vocab_size, input_size=input_size, **config["model_conf"],
+    )
+
+
+def funasr_features(wav_paths, cmvn_file: Path):
+    """Padded LFR+CMVN features of real clips, computed by FunASR's own loader and frontend."""
+    from funasr.frontends.wav_frontend import WavFrontend
+    from funasr.utils.load_utils import extract_fbank, load_audio_text_image_video
+
+    frontend = WavFrontend(cmvn_file=str(cmvn_file), fs=16000, window="hamming", n_mels=80, frame_length=25,
+                           frame_shift=10, lfr_m=7, lfr_n=6, dither=0.0)
+    audio = [load_audio_text_image_video(str(p), fs=16000) for p in wav_paths]
+    feats, lengths = extract_fbank(audio, frontend=frontend)
+    return feats, lengths.long()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: a scale-aware error for whole tensors."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
