@@ -1,0 +1,51 @@
+"""One optimisation step. The trainer, the benchmarks and the memory model all run this code."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                   eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, fused where PyTorch has the kernel.
+
+    The fused kernel updates each tensor in place; the default multi-tensor path allocates
+    temporaries as large as all parameters together at step time, which is often the step's peak.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device.type if params else "cpu"
+    fused = device in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                             for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float | None = None,
+               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Forward, backward, optional clipping, optimizer step. `batch` holds the model's forward
+    arguments (speech, speech_lengths, text, text_lengths). Returns float stats."""
+    optimizer.zero_grad(set_to_none=True)
+    device_type = batch["speech"].device.type
+    with autocast_context(device_type, autocast_dtype):
+        loss, stats, _ = model(**batch)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.grad is not None], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return {k: float(v) for k, v in stats.items() if v is not None}
