@@ -1,0 +1,1 @@
+"""Data side: audio loading, features, tokenizer, input lists."""
