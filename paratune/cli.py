@@ -28,6 +28,7 @@ def _transcribe(args) -> int:
 
     # Decode in windows: sorted by duration inside a window (little padding), printed in input order.
     window = max(1, args.batch_size) * 16
+    decoded = 0
     for start in range(0, len(utterances), window):
         chunk = utterances[start : start + window]
         durations = {}
@@ -40,22 +41,24 @@ def _transcribe(args) -> int:
                 print(f"error: {u.origin}: {e}", file=sys.stderr)
         ready = sorted((u for u in chunk if u.key in durations), key=lambda u: durations[u.key])
         texts = {}
+        asr.frontend.eval()
         for b in range(0, len(ready), args.batch_size):
-            batch, waves = [], []
+            batch, feats = [], []
             for u in ready[b : b + args.batch_size]:
                 try:
-                    waves.append(load_audio(u.source, asr.frontend.fs))
+                    feats.append(asr.frontend.features(load_audio(u.source, asr.frontend.fs)))
                     batch.append(u)
-                except AudioError as e:
+                except (AudioError, ValueError) as e:  # ValueError: too short for one frame
                     errors.append(e)
                     print(f"error: {u.origin}: {e}", file=sys.stderr)
             if batch:
-                texts.update(zip((u.key for u in batch), asr.transcribe(waves)))
+                texts.update(zip((u.key for u in batch), asr.decode_features(feats)))
         for u in chunk:
             if u.key in texts:
                 print(f"{u.key}\t{texts[u.key]}", flush=True)
+                decoded += 1
     if errors:
-        return EXIT_PARTIAL if utterances and len(errors) < len(utterances) + len(errors) else EXIT_FAILED
+        return EXIT_PARTIAL if decoded else EXIT_FAILED
     return EXIT_OK
 
 

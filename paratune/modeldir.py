@@ -51,13 +51,17 @@ class ASRModel:
         return sentence_postprocess(self.tokenizer.ids2tokens(token_ids))
 
     @torch.no_grad()
-    def transcribe(self, waveforms: list[np.ndarray]) -> list[str]:
-        """Decode a batch of 16 kHz mono waveforms (greedy CIF decoding)."""
+    def decode_features(self, feats: list[torch.Tensor]) -> list[str]:
+        """Decode a batch of feature matrices (T_i, D) from `self.frontend` (greedy CIF decoding)."""
         self.model.eval()
+        lengths = torch.tensor([f.shape[0] for f in feats], device=self.device)
+        padded = torch.nn.utils.rnn.pad_sequence(list(feats), batch_first=True).to(self.device)
+        return [self.text(row) for row in self.model.decode(padded, lengths)]
+
+    def transcribe(self, waveforms: list[np.ndarray]) -> list[str]:
+        """Decode a batch of 16 kHz mono waveforms."""
         self.frontend.eval()
-        feats, lengths = self.frontend(waveforms)
-        ids = self.model.decode(feats.to(self.device), lengths.to(self.device))
-        return [self.text(row) for row in ids]
+        return self.decode_features([self.frontend.features(w) for w in waveforms])
 
     def transcribe_files(self, paths: list[str | os.PathLike]) -> list[str]:
         return self.transcribe([load_audio(p, self.frontend.fs) for p in paths])

@@ -104,15 +104,20 @@ def test_bad_inputs_are_reported_and_the_rest_decoded(small_dir, zh_real, tmp_pa
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     missing = tmp_path / "missing.wav"
+    import numpy as np
+    import soundfile as sf
+
+    tiny = tmp_path / "tiny.wav"  # 5 ms: not one full analysis frame
+    sf.write(tiny, np.zeros(80, dtype=np.float32), 16000)
     scp = tmp_path / "wav.scp"
     scp.write_text(f"good1 {wavs[0]}\nbroken_line_without_path\ngood2 {wavs[1]}\n", encoding="utf-8")
     code = cli_main(["transcribe", "--model", str(small_dir), str(corrupt), str(wavs[0]), str(empty),
-                     str(missing), str(scp)])
+                     str(missing), str(tiny), str(scp)])
     captured = capsys.readouterr()
-    assert code == 1
+    assert code == 1  # some failed, some decoded
     keys = [line.split("\t")[0] for line in captured.out.splitlines()]
     assert keys == [wavs[0].stem, "good1", "good2"]
-    for name in ("corrupt.wav", "empty.wav", "missing.wav", "wav.scp:2"):
+    for name in ("corrupt.wav", "empty.wav", "missing.wav", "tiny.wav", "wav.scp:2"):
         assert name in captured.err, name
 
 
