@@ -16,7 +16,7 @@ from torch import nn
 
 
 def cif(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0,
-        target_lengths: torch.Tensor | None = None):
+        target_lengths: torch.Tensor | None = None, max_tokens: int | None = None):
     """Integrate `hidden` (B, T, D) with weights `alphas` (B, T).
 
     Returns (embeds (B, U, D), fires (B, T)): U = max over the batch of round(sum(alphas)), a
@@ -31,6 +31,8 @@ def cif(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0,
     With `target_lengths` (training: the alphas were scaled to sum to them) the decisions are taken
     on the cumulative sum scaled to end exactly on the target, so the last token always fires. In
     FunASR it fires only when float rounding leaves the sum at or above the integer.
+    `max_tokens` (training: the padded target width) fixes U without reading tensor values, so a
+    training step can be traced with fake tensors (the memory model does).
     """
     b, t, _ = hidden.shape
     csum = torch.cumsum(alphas.double(), dim=1)
@@ -49,8 +51,11 @@ def cif(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0,
     token = n_fired - fire.long()  # index of the token this frame completes or continues
     total = n_fired[:, -1] if t > 0 else torch.zeros(b, dtype=torch.long, device=hidden.device)
 
-    u = int(torch.round(alphas.sum(-1)).max().item()) if t > 0 else 0
-    u = max(u, int(total.max().item()) if t > 0 else 0)
+    if max_tokens is not None:
+        u = max_tokens
+    else:
+        u = int(torch.round(alphas.sum(-1)).max().item()) if t > 0 else 0
+        u = max(u, int(total.max().item()) if t > 0 else 0)
     if u == 0:
         return hidden.new_zeros(b, 0, hidden.size(-1)), (csum - prev_floor).to(alphas.dtype)
 
@@ -92,8 +97,10 @@ class CifPredictorV2(nn.Module):
         alphas = torch.relu(alphas * self.smooth_factor - self.noise_threshold)
         return alphas * mask
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, target_lengths: torch.Tensor | None = None):
-        """hidden (B, T, D), mask (B, T) 1.0 on real frames, target_lengths (B,) tokens incl. eos.
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, target_lengths: torch.Tensor | None = None,
+                max_tokens: int | None = None):
+        """hidden (B, T, D), mask (B, T) 1.0 on real frames, target_lengths (B,) tokens incl. eos,
+        max_tokens the padded target width (U of the result; default: from the weights).
 
         Returns (embeds (B, U, D), token_num (B,), alphas, fires). With targets (training) the
         alphas are rescaled so they sum to the target length, and token_num is the unscaled sum
@@ -111,7 +118,7 @@ class CifPredictorV2(nn.Module):
                 alphas = alphas * (target_lengths.to(alphas.dtype) / token_num)[:, None]
             elif self.tail_threshold > 0.0:
                 hidden, alphas, token_num = self._add_tail(hidden, alphas, mask)
-            embeds, fires = cif(hidden, alphas, self.threshold, target_lengths)
+            embeds, fires = cif(hidden, alphas, self.threshold, target_lengths, max_tokens)
             if target_lengths is None and self.tail_threshold > 0.0:
                 embeds = embeds[:, : int(token_num.max().item())]
         return embeds, token_num, alphas, fires

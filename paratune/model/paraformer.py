@@ -70,19 +70,23 @@ class Paraformer(nn.Module):
     def encode(self, speech: torch.Tensor, speech_lengths: torch.Tensor):
         return self.encoder(speech, speech_lengths)
 
-    def predict(self, encoder_out, encoder_lengths, target_lengths=None):
+    def predict(self, encoder_out, encoder_lengths, target_lengths=None, max_tokens=None):
         mask = (torch.arange(encoder_out.size(1), device=encoder_out.device)[None, :]
                 < encoder_lengths[:, None]).to(encoder_out.dtype)
-        return self.predictor(encoder_out, mask, target_lengths)
+        return self.predictor(encoder_out, mask, target_lengths, max_tokens)
 
-    def add_eos(self, text: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids padded anyhow -> (B, max_len + 1) with eos after each, padded with ignore_id."""
-        width = int(text_lengths.max().item()) + 1
+    def targets(self, text: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids, any padding -> (B, L + predictor_bias): eos after each when the bias is 1,
+        padded with ignore_id. L is the padded width, not max(text_lengths): shapes never depend
+        on tensor values, so a step can be traced with fake tensors. Collate pads to the longest."""
+        width = text.size(1) + (1 if self.predictor_bias == 1 else 0)
         pos = torch.arange(width, device=text.device)[None, :]
-        ys = torch.full((text.size(0), width), self.ignore_id, dtype=torch.long, device=text.device)
-        n = min(width, text.size(1))
-        ys[:, :n] = torch.where(pos[:, :n] < text_lengths[:, None], text[:, :n].long(), ys[:, :n])
-        return ys.masked_fill(pos == text_lengths[:, None], self.eos)
+        pad = torch.full((text.size(0), width - text.size(1)), self.ignore_id, dtype=torch.long, device=text.device)
+        ys = torch.cat([text.long(), pad], 1)
+        ys = ys.masked_fill(pos >= text_lengths[:, None], self.ignore_id)
+        if self.predictor_bias == 1:
+            ys = ys.masked_fill(pos == text_lengths[:, None], self.eos)
+        return ys
 
     def glance(self, encoder_out, encoder_lengths, ys, ys_lengths, acoustic_embeds):
         """Glancing sampler: decode once without gradients, then replace a share (sampling_ratio) of
@@ -113,16 +117,9 @@ class Paraformer(nn.Module):
         batch_size = speech.size(0)
         encoder_out, encoder_lengths = self.encode(speech, speech_lengths)
 
-        if self.predictor_bias == 1:
-            ys = self.add_eos(text, text_lengths)
-            ys_lengths = text_lengths + 1
-        else:
-            width = int(text_lengths.max().item())
-            ys = text[:, :width].long().masked_fill(
-                torch.arange(width, device=text.device)[None, :] >= text_lengths[:, None], self.ignore_id)
-            ys_lengths = text_lengths
-
-        acoustic_embeds, token_num, _, _ = self.predict(encoder_out, encoder_lengths, ys_lengths)
+        ys = self.targets(text, text_lengths)
+        ys_lengths = text_lengths + (1 if self.predictor_bias == 1 else 0)
+        acoustic_embeds, token_num, _, _ = self.predict(encoder_out, encoder_lengths, ys_lengths, ys.size(1))
         first = None
         if self.sampling_ratio > 0.0 and self.training:
             embeds, first = self.glance(encoder_out, encoder_lengths, ys, ys_lengths, acoustic_embeds)
