@@ -28,9 +28,14 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float | None = None,
-               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
+               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+               return_stats: bool = True) -> dict:
     """Forward, backward, optional clipping, optimizer step. `batch` holds the model's forward
-    arguments (speech, speech_lengths, text, text_lengths). Returns float stats."""
+    arguments (speech, speech_lengths, text, text_lengths). Returns float stats.
+
+    Gradients are dropped (set to None) once the optimizer has used them, so they do not stay
+    allocated between steps (during validation, checkpoint saving, data loading); the same is done
+    on entry in case the caller left some."""
     optimizer.zero_grad(set_to_none=True)
     device_type = batch["speech"].device.type
     with autocast_context(device_type, autocast_dtype):
@@ -48,4 +53,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
         scaler.update()
     else:
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not return_stats:  # reading values syncs a GPU, and is impossible on fake tensors (memory model)
+        return {}
     return {k: float(v) for k, v in stats.items() if v is not None}
