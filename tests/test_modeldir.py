@@ -127,15 +127,19 @@ def test_bad_model_directories_name_the_file(small_dir, tmp_path):
         shutil.copytree(small_dir, d)
         return d
 
+    def with_encoder_setting(name, key, value):
+        d = copy(name)
+        config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+        config["encoder_conf"][key] = value
+        (d / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+        return d
+
     d = copy("bad_yaml")
     (d / "config.yaml").write_text("model: Paraformer\nencoder_conf: [unclosed\n", encoding="utf-8")
     with pytest.raises(ModelDirError, match="config.yaml"):
         paratune.load_model(d)
 
-    d = copy("bad_key")
-    config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
-    config["encoder_conf"]["no_such_option"] = 1
-    (d / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    d = with_encoder_setting("bad_key", "no_such_option", 1)
     with pytest.raises(ModelDirError, match=r"config.yaml.*encoder_conf.no_such_option"):
         paratune.load_model(d)
 
@@ -149,10 +153,7 @@ def test_bad_model_directories_name_the_file(small_dir, tmp_path):
     with pytest.raises(ModelDirError, match="model.pt"):
         paratune.load_model(d)
 
-    d = copy("wrong_shape")
-    config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
-    config["encoder_conf"]["num_blocks"] = 2
-    (d / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    d = with_encoder_setting("wrong_shape", "num_blocks", 2)
     with pytest.raises(ModelDirError, match=r"model.pt.*do not fit"):
         paratune.load_model(d)
 
