@@ -440,7 +440,8 @@ def report(rows: list[dict], info: dict, args) -> str:
         lines.append(
             f"| {label(r['variant'])} | {r['optimizer']} | {s['peak_mib']:.0f} | "
             f"{s['peak_mib'] / ref['steady']['peak_mib']:.2f} | {s['phase']} | {r['step_s']:.2f} | "
-            f"{r['step_s'] / ref['step_s']:.2f} | {r['step_user_s']:.2f} | {r['step_user_s'] / ref['step_user_s']:.2f} | "
+            f"{r['step_s'] / ref['step_s']:.2f} | {r['step_user_s']:.2f} | "
+            f"{r['step_user_s'] / ref['step_user_s']:.2f} | "
             f"{r['first']['peak_mib']:.0f} ({r['first']['phase']}) | "
             f"{r['rss_peak_mib'] if r['rss_peak_mib'] is not None else 'n/a'} | {fmt_breakdown(s['breakdown'])} |")
     lines.append("")
