@@ -62,6 +62,159 @@ def _transcribe(args) -> int:
     return EXIT_OK
 
 
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _plan(args) -> int:
+    import json
+    import time
+
+    from paratune.data.manifest import read_lengths
+    from paratune.memory.estimate import load_or_fit
+    from paratune.memory.plan import Limit, PlanError, make_plan, parse_bytes, summary, write_png
+    from paratune.memory.trace import StepOptions
+    from paratune.modeldir import ModelDirError, read_model_dir
+
+    start = time.perf_counter()
+    try:
+        budget = parse_bytes(args.budget)
+        if args.world_size < 1:
+            raise PlanError(f"--world-size must be at least 1, got {args.world_size}")
+        if args.fsdp and args.world_size < 2:
+            raise PlanError("--fsdp shards over ranks: give --world-size 2 or more")
+        spec = read_model_dir(args.model)
+    except (PlanError, ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+    fe = spec.frontend
+    lengths, errors = read_lengths(args.data, spec.tokenizer, fe.lfr_n, fe.frame_shift, fe.frame_length)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if not len(lengths):
+        print("error: no usable utterance in " + ", ".join(map(str, args.data)) + ": nothing to plan",
+              file=sys.stderr)
+        return EXIT_FAILED
+    _log(f"read {len(lengths)} utterances in {time.perf_counter() - start:.1f} s "
+         f"(longest {lengths.seconds.max():.1f} s = {lengths.frames.max()} frames, "
+         f"most tokens {lengths.tokens.max()})")
+    max_frames, max_tokens = int(lengths.frames.max()), int(lengths.tokens.max())
+
+    def limit_for(checkpointing: bool) -> Limit:
+        options = StepOptions(precision=args.precision, checkpointing=checkpointing, frozen=tuple(args.freeze),
+                              optimizer=args.optimizer, ddp=args.world_size > 1 and not args.fsdp,
+                              device=args.device)
+        t0 = time.perf_counter()
+        model, cached = load_or_fit(spec.config, spec.vocab_size, spec.input_size, options, max_frames,
+                                    max_tokens, holdout=args.holdout, log=_log)
+        if not cached and model.holdout:
+            _log(f"fitted in {time.perf_counter() - t0:.1f} s; error on {len(model.holdout)} unseen shapes: "
+                 f"worst {100 * model.worst_holdout_error:.2f} %")
+        if args.fsdp:
+            from paratune.memory.shard import shard_model
+            with __import__("torch").device("meta"):
+                model = shard_model(model, spec.build(), args.world_size)
+        return Limit(model, budget, args.device, args.margin)
+
+    frame_seconds = fe.lfr_n * fe.frame_shift / 1000
+    try:
+        if args.checkpointing == "auto":
+            plan = make_plan(lengths, limit_for(False), frame_seconds, args.world_size, args.max_batch)
+            if plan.excluded:
+                _log(f"{len(plan.excluded)} utterances do not fit without checkpointing; trying with it")
+                other = make_plan(lengths, limit_for(True), frame_seconds, args.world_size, args.max_batch)
+                if len(other.excluded) < len(plan.excluded):
+                    other.notes.append(f"checkpointing is needed: without it {len(plan.excluded)} utterances "
+                                       f"do not fit, with it {len(other.excluded)}")
+                    plan = other
+        else:
+            plan = make_plan(lengths, limit_for(args.checkpointing == "on"), frame_seconds, args.world_size,
+                             args.max_batch)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if plan.excluded and args.precision == "fp32":
+        plan.notes.append("bf16 autocast (--precision bf16) needs less activation memory and may fit them")
+
+    if args.calibrate:
+        if not _calibrate(args, spec, plan):
+            return EXIT_FAILED
+
+    if args.explain:
+        _explain(args, spec, plan)
+    if args.png:
+        write_png(plan, args.png)
+    result = plan.to_dict()
+    result["manifest_errors"] = [str(e) for e in errors]
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(summary(plan))
+        if args.png:
+            print(f"plot: {args.png}")
+    _log(f"planned in {time.perf_counter() - start:.1f} s")
+    return EXIT_PARTIAL if (plan.excluded or errors) else EXIT_OK
+
+
+def _calibrate(args, spec, plan) -> bool:
+    """Real steps at the plan's costliest batch shapes; the correction is stored with the cached fit."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from paratune.io import atomic_write_text
+    from paratune.memory.calibrate import calibrate
+    from paratune.memory.estimate import cache_dir
+    from paratune.memory.trace import StepOptions
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --calibrate measures real steps on the GPU, and torch sees no CUDA device here",
+              file=sys.stderr)
+        return False
+    model = plan.limit.model
+    if model.options.get("fsdp_world_size"):
+        print("error: --calibrate runs on one device: leave out --fsdp", file=sys.stderr)
+        return False
+    shapes = plan.batch_shapes()
+    if not len(shapes):
+        return True
+    order = np.argsort(plan.predicted())[::-1]
+    picks = list(dict.fromkeys(tuple(int(x) for x in shapes[i]) for i in [*order[:3], order[len(order) // 2],
+                                                                          order[-1]]))
+    options = StepOptions(**{k: v for k, v in model.options.items() if k in StepOptions.__dataclass_fields__})
+    _log(f"calibrating on {args.device} at {len(picks)} batch shapes")
+    model.calibration = calibrate(spec, model, options, picks, device=args.device)
+    for r in model.calibration["rows"]:
+        _log(f"  B={r['batch']} T={r['frames']} U={r['tokens']}: predicted {r['predicted'] / 2**30:.3f} GiB, "
+             f"allocated {r['allocated'] / 2**30:.3f} GiB ({100 * r['allocated_error']:+.2f} %), "
+             f"reserved {r['reserved'] / 2**30:.3f} GiB")
+    path = cache_dir() / f"{model.key}.json"
+    atomic_write_text(path, json.dumps(model.to_dict()))
+    _log(f"stored the calibration in {path}; later plans use it")
+    return True
+
+
+def _explain(args, spec, plan) -> None:
+    """Trace the costliest batch and say where its peak goes."""
+    import numpy as np
+
+    from paratune.memory.trace import StepOptions, StepTracer
+
+    shapes = plan.batch_shapes()
+    if not len(shapes):
+        return
+    b, t, u = (int(x) for x in shapes[int(np.argmax(plan.predicted()))])
+    opts = {k: v for k, v in plan.limit.model.options.items() if k in StepOptions.__dataclass_fields__}
+    traced = StepTracer(spec.config, spec.vocab_size, spec.input_size, StepOptions(**opts)).trace(b, t, u)
+    print(f"where the peak goes, costliest batch (B={b}, T={t}, U={u}), traced: {traced.peak / 2**30:.3f} GiB"
+          + (" on one device (before FSDP sharding)" if plan.limit.model.options.get("fsdp_world_size") else ""))
+    for tag, n in sorted(traced.breakdown.items(), key=lambda kv: -kv[1]):
+        if n > 0:
+            print(f"  {tag:<24} {n / 2**30:8.3f} GiB  {100 * n / traced.peak:5.1f} %")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paratune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +229,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.set_defaults(func=_transcribe)
+
+    p = sub.add_parser("plan", help="batches for a manifest under a memory budget, predicted before training",
+                       description="Fits (or loads the cached) memory model of a training step for the model "
+                                   "directory and options, packs the manifest's utterances into batches whose "
+                                   "predicted peak stays within the budget, and reports them. Reads only the "
+                                   "manifest's lengths when it has them (source_len: 10 ms frames, as FunASR "
+                                   "writes it). Exit status 1 when some utterances cannot be planned.")
+    p.add_argument("--model", required=True, type=Path, help="model directory (config.yaml, tokens, am.mvn)")
+    p.add_argument("--data", required=True, type=Path, nargs="+", help="FunASR jsonl manifest(s)")
+    p.add_argument("--budget", required=True, help="memory per device, e.g. 24GiB")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="activation checkpointing of every block; auto: only if something does not fit without")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
+                   help="parameter-name prefixes not trained, e.g. encoder.")
+    p.add_argument("--world-size", type=int, default=1, help="ranks; without --fsdp each keeps a DDP replica")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what the plan is for (default cuda)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="share of the budget kept free (default: the calibration, else 0.10 on cuda)")
+    p.add_argument("--max-batch", type=int, default=None, help="at most this many utterances per batch")
+    p.add_argument("--holdout", type=int, default=2, help="unseen shapes the fit is checked on (default 2)")
+    p.add_argument("--calibrate", action="store_true", help="measure real steps on the device and keep the correction")
+    p.add_argument("--explain", action="store_true", help="where the costliest batch's peak goes")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--png", default="plan.png", help="plot of predicted need per batch (default plan.png; '' for none)")
+    p.set_defaults(func=_plan)
     return parser
 
 

@@ -114,8 +114,33 @@ def load_state_dict(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ASRModel:
-    """Load a FunASR Paraformer directory (config.yaml, model.pt, tokens, am.mvn)."""
+@dataclass
+class ModelSpec:
+    """A model directory's description without its weights: what `paratune plan` needs."""
+
+    root: Path
+    files: dict
+    config: dict
+    tokenizer: CharTokenizer
+    frontend: WavFrontend
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def input_size(self) -> int:
+        return self.frontend.output_size()
+
+    def build(self) -> Paraformer:
+        try:
+            return build_paraformer(self.config, self.vocab_size, self.input_size, source=str(self.files["config"]))
+        except (ConfigError, TypeError) as e:
+            raise ModelDirError(str(e)) from e
+
+
+def read_model_dir(path: str | os.PathLike) -> ModelSpec:
+    """Read and check a FunASR Paraformer directory's config.yaml, tokens and am.mvn (not the weights)."""
     root = Path(path)
     if not root.is_dir():
         raise ModelDirError(f"{root}: not a model directory")
@@ -138,11 +163,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
                                            cmvn_file=files["cmvn"] if files["cmvn"].exists() else None)
     except (FrontendConfigError, OSError, TypeError) as e:
         raise ModelDirError(f"{files['cmvn'] if files['cmvn'].exists() else files['config']}: {e}") from e
+    spec = ModelSpec(root, files, config, tokenizer, frontend)
+    with torch.device("meta"):  # checks the config's keys and values without allocating weights
+        spec.build()
+    return spec
 
-    try:
-        model = build_paraformer(config, len(tokenizer), frontend.output_size(), source=str(files["config"]))
-    except (ConfigError, TypeError) as e:
-        raise ModelDirError(str(e)) from e
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ASRModel:
+    """Load a FunASR Paraformer directory (config.yaml, model.pt, tokens, am.mvn)."""
+    spec = read_model_dir(path)
+    files, tokenizer, frontend, config, root = spec.files, spec.tokenizer, spec.frontend, spec.config, spec.root
+    model = spec.build()
     if not files["model"].exists():
         raise ModelDirError(f"{files['model']}: missing (the weights)")
     state = load_state_dict(files["model"])

@@ -1,22 +1,26 @@
-"""Measure a training step's peak tensor memory by running it on fake tensors.
+"""Measure a training step's tensor memory by running it on fake tensors.
 
 The step is `paratune.train.step.train_step`, the code the trainer runs. Under `FakeTensorMode` every
 tensor has a shape, dtype and device but no storage and no arithmetic, so paraformer-large at any batch
-shape costs neither memory nor compute; PyTorch's `MemTracker` sees each tensor as it is created and
-freed and keeps the peak, split into parameters, gradients, optimizer state, activations and temporaries.
-The same tracker on real tensors gives the same figure (tests/memory checks this).
+shape costs neither memory nor compute; `PeakMemory` sees each tensor as it is created and freed. The
+same tracker on real tensors gives the same figures (tests/memory checks this).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
 
+from paratune.memory.tracker import PeakMemory, storage_bytes
 from paratune.model.paraformer import build_paraformer, set_checkpointing
-from paratune.train.step import make_optimizer, train_step
+from paratune.train.step import OPTIMIZERS, make_optimizer, train_step
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,13 +33,31 @@ class StepOptions:
     checkpointing: bool = False  # activation checkpointing of every encoder and decoder block
     frozen: tuple[str, ...] = ()  # parameter-name prefixes not trained, e.g. ("encoder.",)
     grad_clip: float | None = 5.0
+    optimizer: str = "adamw"  # adamw | sgd (with momentum)
+    ddp: bool = False  # gradients live in DDP's buckets for the whole run
+    device: str = "cpu"  # where the step runs: CUDA rounds every tensor to 512 bytes
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; choose from cpu, cuda")
+        object.__setattr__(self, "frozen", tuple(self.frozen))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def fit_key(config: dict, vocab: int, input_size: int, options: StepOptions) -> str:
+    """A hash of everything a fit depends on: the model config and the step options."""
+    blob = json.dumps({"config": {k: config.get(k) for k in sorted(config) if k.endswith(("_conf", "encoder",
+                                                                                          "decoder", "predictor",
+                                                                                          "model"))},
+                       "vocab": vocab, "input_size": input_size, "options": options.to_dict(),
+                       "torch": torch.__version__.split("+")[0]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def fake_batch(batch: int, frames: int, tokens: int, input_size: int, vocab: int) -> dict:
@@ -50,11 +72,12 @@ def fake_batch(batch: int, frames: int, tokens: int, input_size: int, vocab: int
 @dataclass
 class Traced:
     peak: int  # bytes
-    breakdown: dict  # bytes by MemTracker category at the peak
+    breakdown: dict  # bytes by tag (see paratune.memory.tracker) at the peak
+    stages: list  # [(gradient bytes, most other bytes at that gradient figure)] in step order
 
 
 class StepTracer:
-    """A model built once on fake tensors; `peak(B, T, U)` traces one steady-state step."""
+    """A model built once on fake tensors; `trace(B, T, U)` runs one steady-state step."""
 
     def __init__(self, config: dict, vocab: int, input_size: int, options: StepOptions = StepOptions(),
                  fake: bool = True):
@@ -65,32 +88,62 @@ class StepTracer:
             for name, p in self.model.named_parameters():
                 if any(name.startswith(prefix) for prefix in options.frozen):
                     p.requires_grad_(False)
+            if not any(p.requires_grad for p in self.model.parameters()):
+                raise ValueError(f"frozen={list(options.frozen)} leaves no parameter to train")
             if options.checkpointing:
                 set_checkpointing(self.model, encoder_blocks=None, decoder_blocks=None)
-            self.optimizer = make_optimizer(self.model)
+            self.optimizer = make_optimizer(self.model, name=options.optimizer)
             self.scaler = torch.amp.GradScaler("cpu") if options.precision == "fp16" else None
             # one step creates the optimizer state: what a long run holds at every later step
             self._step(fake_batch(1, 8, 2, input_size, vocab))
 
     def _step(self, batch):
         train_step(self.model, self.optimizer, batch, grad_clip=self.options.grad_clip,
-                   autocast_dtype=PRECISIONS[self.options.precision], scaler=self.scaler, return_stats=False)
+                   autocast_dtype=PRECISIONS[self.options.precision], scaler=self.scaler, return_stats=False,
+                   keep_grads=self.options.ddp)
 
-    def peak(self, batch: int, frames: int, tokens: int) -> Traced:
+    def trace(self, batch: int, frames: int, tokens: int) -> Traced:
         with self.mode:
             data = fake_batch(batch, frames, tokens, self.input_size, self.vocab)
-            tracker = MemTracker()
-            tracker.track_external(self.model, self.optimizer)
+            tracker = PeakMemory(self.model, self.optimizer, cuda_blocks=self.options.device == "cuda")
             with tracker:
                 self._step(data)
-            snap = tracker.get_tracker_snapshot("peak")
-        dev = next(iter(snap.values()))
-        return Traced(int(dev["Total"]), {str(k): int(v) for k, v in dev.items() if k != "Total"})
+        return Traced(tracker.peak, tracker.at_peak, tracker.stages)
+
+    def peak(self, batch: int, frames: int, tokens: int) -> Traced:
+        return self.trace(batch, frames, tokens)
+
+    def trace_many(self, shapes, workers: int | None = None) -> list[Traced]:
+        """Trace several shapes, in forked worker processes when there are cores to spare: a fake
+        step is pure Python, so processes are the way to use more than one core."""
+        shapes = list(shapes)
+        if workers is None:
+            workers = int(os.environ.get("PARATUNE_TRACE_WORKERS", os.cpu_count() or 1))
+        workers = min(workers, len(shapes))
+        if workers <= 1 or sys.platform != "linux":  # fork is only dependable on Linux
+            return [self.trace(*s) for s in shapes]
+        global _TRACER
+        _TRACER = self
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                return pool.starmap(_trace_in_worker, shapes, chunksize=1)
+        finally:
+            _TRACER = None
 
     def resident(self) -> dict:
-        """Bytes that live across steps: parameters, optimizer state (gradients are dropped)."""
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
-                    for t in s.values() if isinstance(t, torch.Tensor))
-        grads = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        return {"parameters": params, "optimizer_state": state, "gradients": grads}
+        """Bytes that live across steps: parameters, optimizer state, gradients (only under DDP)."""
+        def size(t):
+            return storage_bytes(t.untyped_storage(), self.options.device == "cuda")
+        params = sum(size(p) for p in self.model.parameters())
+        buffers = sum(size(b) for b in self.model.buffers())
+        state = sum(size(t) for s in self.optimizer.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+        grads = sum(size(p) for p in self.model.parameters() if p.requires_grad)
+        return {"parameters": params, "buffers": buffers, "optimizer_state": state, "gradients": grads}
+
+
+_TRACER: StepTracer | None = None  # the tracer forked workers inherit
+
+
+def _trace_in_worker(batch: int, frames: int, tokens: int) -> Traced:
+    return _TRACER.trace(batch, frames, tokens)

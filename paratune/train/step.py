@@ -7,17 +7,24 @@ import torch
 from torch import nn
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                   eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, fused where PyTorch has the kernel.
+                   eps: float = 1e-8, name: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum) over the trainable parameters, fused where PyTorch has the kernel.
 
     The fused kernel updates each tensor in place; the default multi-tensor path allocates
     temporaries as large as all parameters together at step time, which is often the step's peak.
     """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device.type if params else "cpu"
     fused = device in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                              for p in params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
@@ -29,14 +36,16 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float | None = None,
                autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-               return_stats: bool = True) -> dict:
+               return_stats: bool = True, keep_grads: bool = False) -> dict:
     """Forward, backward, optional clipping, optimizer step. `batch` holds the model's forward
     arguments (speech, speech_lengths, text, text_lengths). Returns float stats.
 
     Gradients are dropped (set to None) once the optimizer has used them, so they do not stay
     allocated between steps (during validation, checkpoint saving, data loading); the same is done
-    on entry in case the caller left some."""
-    optimizer.zero_grad(set_to_none=True)
+    on entry in case the caller left some. Under DDP the gradients are views into its buckets
+    (`gradient_as_bucket_view=True`), which stay allocated whatever is done: `keep_grads=True` zeroes
+    them in place instead, which is what the memory model assumes for DDP."""
+    optimizer.zero_grad(set_to_none=not keep_grads)
     device_type = batch["speech"].device.type
     with autocast_context(device_type, autocast_dtype):
         loss, stats, _ = model(**batch)
@@ -53,7 +62,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
         scaler.update()
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     if not return_stats:  # reading values syncs a GPU, and is impossible on fake tensors (memory model)
         return {}
     return {k: float(v) for k, v in stats.items() if v is not None}

@@ -1,0 +1,75 @@
+"""Compare the memory model with real steps and keep the correction.
+
+On a GPU the allocator's own figures are the truth: `max_memory_allocated` (tensor bytes, rounded to
+the allocator's blocks) and `max_memory_reserved` (what it holds from the driver, including free
+blocks). The model predicts tensor bytes, so the reserved/predicted ratio is what a budget must allow
+for. On a CPU the same code measures real tensors with the tracker the model was fitted with, which
+checks the fit itself (allocated = reserved there). The model's weights are random: a training step's
+memory depends on the shapes, not the values (CIF is given the target lengths in training).
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+
+import torch
+
+from paratune.memory.estimate import MemoryModel
+from paratune.memory.trace import PRECISIONS, StepOptions, fake_batch
+from paratune.memory.tracker import PeakMemory
+from paratune.model.paraformer import set_checkpointing
+from paratune.modeldir import ModelSpec
+from paratune.train.step import make_optimizer, train_step
+
+
+def _real_batch(b, t, u, input_size, vocab, device):
+    batch = fake_batch(b, t, u, input_size, vocab)
+    batch["speech"] = torch.randn(b, t, input_size)
+    batch["text"] = torch.randint(1, vocab, (b, u))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes, device: str = "cuda",
+              seed: int = 0) -> dict:
+    """Run real training steps at `shapes` [(B, T, U)] on `device`; return the measured figures and the
+    ratios to the prediction, for `MemoryModel.calibration`."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = spec.build().to(dev).train()
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in options.frozen):
+            p.requires_grad_(False)
+    if options.checkpointing:
+        set_checkpointing(model, encoder_blocks=None, decoder_blocks=None)
+    optimizer = make_optimizer(model, name=options.optimizer)
+    scaler = torch.amp.GradScaler(dev.type) if options.precision == "fp16" else None
+
+    def step(batch):
+        train_step(model, optimizer, batch, grad_clip=options.grad_clip,
+                   autocast_dtype=PRECISIONS[options.precision], scaler=scaler, return_stats=False,
+                   keep_grads=options.ddp)
+
+    step(_real_batch(1, 16, 2, spec.input_size, spec.vocab_size, dev))  # creates the optimizer state
+    rows = []
+    for b, t, u in shapes:
+        batch = _real_batch(b, t, u, spec.input_size, spec.vocab_size, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            step(batch)
+            torch.cuda.synchronize(dev)
+            allocated = torch.cuda.max_memory_allocated(dev)
+            reserved = torch.cuda.max_memory_reserved(dev)
+        else:
+            with PeakMemory(model, optimizer) as tracker:
+                step(batch)
+            allocated = reserved = tracker.peak
+        del batch
+        predicted = fitted.peak(b, t, u)
+        rows.append({"batch": b, "frames": t, "tokens": u, "predicted": predicted, "allocated": allocated,
+                     "reserved": reserved, "allocated_error": (predicted - allocated) / allocated})
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'host'})"
+    return {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "rows": rows,
+            "allocated_ratio": max(r["allocated"] / r["predicted"] for r in rows),
+            "reserved_ratio": max(r["reserved"] / r["predicted"] for r in rows)}
