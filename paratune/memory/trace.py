@@ -47,7 +47,7 @@ class StepOptions:
         object.__setattr__(self, "frozen", tuple(self.frozen))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "frozen": list(self.frozen)}  # as JSON gives it back
 
 
 def fit_key(config: dict, vocab: int, input_size: int, options: StepOptions) -> str:

@@ -1,0 +1,221 @@
+"""`paratune plan` on the bundled demo model: batches, exclusions, bad input, explain, calibrate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import paratune
+from paratune.cli import main
+from paratune.data.manifest import read_lengths, write_synthetic_manifest
+from paratune.memory.estimate import load_or_fit
+from paratune.memory.plan import PlanError, parse_bytes
+from paratune.memory.trace import StepOptions, StepTracer
+from paratune.modeldir import read_model_dir
+
+DEMO = Path(paratune.__file__).parent / "assets" / "demo_model"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_synthetic_manifest(tmp_path_factory.mktemp("m") / "train.jsonl", 400, seed=3, max_s=20.0)
+
+
+def _plan(capsys, *args):
+    code = main(["plan", "--model", str(DEMO), "--device", "cpu", "--png", "", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_utterance_is_in_exactly_one_batch_within_budget(capsys, manifest):
+    code, out, err = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--json", "--checkpointing", "off")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["budget_bytes"] == 160 * 2**20 and not plan["excluded"]
+    keys = [k for b in plan["batches"] for k in b["keys"]]
+    lines = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert sorted(keys) == sorted(x["key"] for x in lines)
+    frames = {x["key"]: -(-max(x["source_len"] - 2, 1) // 6) for x in lines}  # LFR n=6 after fbank
+    tokens = {x["key"]: x["target_len"] for x in lines}
+    for b in plan["batches"]:
+        assert b["size"] == len(b["keys"])
+        assert b["max_frames"] == max(frames[k] for k in b["keys"])
+        assert b["max_tokens"] == max(tokens[k] for k in b["keys"])
+        assert b["predicted_peak_bytes"] <= plan["budget_bytes"]
+    assert len(plan["batches"]) < len(keys) / 4  # packs, not one per batch
+    assert plan["padding_waste"] < 0.10  # 400 utterances, few per batch: sorted packing still pads little
+
+
+@pytest.mark.slow
+def test_predicted_peak_of_a_planned_batch_matches_a_real_step(capsys, manifest):
+    code, out, err = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--json", "--checkpointing", "off")
+    plan = json.loads(out)
+    worst = max(plan["batches"], key=lambda b: b["predicted_peak_bytes"])
+    spec = read_model_dir(DEMO)
+    real = StepTracer(spec.config, spec.vocab_size, spec.input_size, StepOptions(), fake=False)
+    measured = real.trace(worst["size"], worst["max_frames"], worst["max_tokens"]).peak
+    assert abs(worst["predicted_peak_bytes"] - measured) <= 0.03 * measured
+
+
+def test_plan_reads_lengths_without_opening_audio(capsys, manifest):
+    # the synthetic manifest's audio files do not exist: only source_len is read
+    assert not (manifest.parent / "wav").exists()
+    code, out, err = _plan(capsys, "--data", manifest, "--budget", "1GiB", "--checkpointing", "off")
+    assert code == 0, err
+    assert "400 utterances ->" in out
+
+
+def test_lengths_from_audio_headers_match_the_features(tmp_path, zh_real):
+    spec = read_model_dir(DEMO)
+    wavs = sorted(zh_real.glob("*.wav"))[:3]
+    path = tmp_path / "real.jsonl"
+    path.write_text("".join(json.dumps({"key": w.stem, "source": str(w), "target": "你好"}) + "\n" for w in wavs),
+                    encoding="utf-8")
+    lengths, errors = read_lengths([path], spec.tokenizer, spec.frontend.lfr_n)
+    assert not errors
+    from paratune.data.audio import load_audio
+    spec.frontend.eval()
+    for key, t in zip(lengths.keys, lengths.frames):
+        feats = spec.frontend.features(load_audio(zh_real / f"{key}.wav", 16000))
+        assert abs(int(t) - feats.shape[0]) <= 1, key  # the header's duration rounds to 10 ms
+    assert list(lengths.tokens) == [2, 2, 2]
+
+
+def test_utterances_too_long_for_the_budget_are_excluded_with_a_remedy(capsys, tmp_path, manifest):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(manifest.read_text() + json.dumps({"key": "huge", "source": "x.wav", "source_len": 60000,
+                                                       "target_len": 200}) + "\n")
+    code, out, err = _plan(capsys, "--data", data, "--budget", "100MiB", "--json", "--checkpointing", "off")
+    assert code == 1
+    plan = json.loads(out)
+    assert [e["key"] for e in plan["excluded"]] == ["huge"]
+    reason = plan["excluded"][0]["reason"]
+    assert "split it below" in reason and "--long-audio split" in reason and "100.00 GiB" not in reason
+    assert "huge" not in [k for b in plan["batches"] for k in b["keys"]]
+
+
+def test_checkpointing_auto_turns_on_when_needed(capsys, tmp_path, cache):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"key": "long", "source": "x.wav", "source_len": 3000, "target_len": 120}) + "\n")
+    spec = read_model_dir(DEMO)
+    t, u = -(-(3000 - 2) // 6), 120
+    need = {}
+    for ckpt in (False, True):
+        model, _ = load_or_fit(spec.config, spec.vocab_size, spec.input_size,
+                               StepOptions(checkpointing=ckpt), t, u, holdout=0, cache=cache)
+        need[ckpt] = model.peak(1, t, u)
+    assert need[True] < need[False]
+    budget = (need[True] + need[False]) // 2  # fits only with checkpointing
+    code, out, err = _plan(capsys, "--data", data, "--budget", budget, "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["options"]["checkpointing"] and not plan["excluded"]
+    assert any("checkpointing is needed" in n for n in plan["notes"])
+    code, out, err = _plan(capsys, "--data", data, "--budget", budget, "--json", "--checkpointing", "off")
+    assert code == 1 and [e["key"] for e in json.loads(out)["excluded"]] == ["long"]
+    # with room to spare, auto leaves it off
+    code, out, err = _plan(capsys, "--data", data, "--budget", need[False] * 2, "--json")
+    assert code == 0 and not json.loads(out)["options"]["checkpointing"] and "trying with it" not in err
+
+
+def test_budget_below_static_memory(capsys, manifest):
+    code, out, err = _plan(capsys, "--data", manifest, "--budget", "4MiB", "--checkpointing", "off")
+    assert code == 2
+    assert "below the static memory" in err and "--fsdp" in err
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_empty_manifest(capsys, tmp_path, content):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(content)
+    code, out, err = _plan(capsys, "--data", data, "--budget", "1GiB")
+    assert code == 2
+    assert f"{data}: empty manifest" in err and "nothing to plan" in err
+
+
+def test_bad_lines_are_named_and_the_rest_planned(capsys, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"key": "a", "source_len": 300, "target_len": 5}\n'
+                    '{"key": "b", "source_len": -4, "target_len": 5}\n'
+                    'not json\n'
+                    '{"key": "c", "source_len": 300}\n'
+                    '{"key": "a", "source_len": 300, "target_len": 5}\n')
+    code, out, err = _plan(capsys, "--data", data, "--budget", "1GiB", "--json", "--checkpointing", "off")
+    assert code == 1
+    assert f"{data}:2: source_len must be" in err
+    assert f"{data}:3: malformed JSON" in err
+    assert f"{data}:4: no transcript" in err
+    assert f"{data}:5: duplicate key 'a'" in err
+    assert [b["keys"] for b in json.loads(out)["batches"]] == [["a"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--budget-x", "3"], "unrecognized arguments"),
+])
+def test_unknown_options(capsys, manifest, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--model", str(DEMO), "--data", str(manifest), "--budget", "1GiB", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_budget_and_world_size(capsys, manifest):
+    code, _, err = _plan(capsys, "--data", manifest, "--budget", "lots")
+    assert code == 2 and "cannot read the budget 'lots'" in err
+    code, _, err = _plan(capsys, "--data", manifest, "--budget", "1GiB", "--fsdp")
+    assert code == 2 and "--world-size 2 or more" in err
+
+
+def test_explain_and_png(capsys, manifest, tmp_path):
+    png = tmp_path / "plan.png"
+    code = main(["plan", "--model", str(DEMO), "--device", "cpu", "--data", str(manifest), "--budget", "160MiB",
+                 "--checkpointing", "off", "--explain", "--png", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for part in ("parameters", "optimizer state", "forward: encoder", "forward: decoder"):
+        assert part in out
+    assert "uncalibrated" not in out  # cpu plans count tensor bytes without a margin
+
+
+def test_fsdp_and_ddp_plans(capsys, manifest):
+    _, out1, _ = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--json", "--checkpointing", "off")
+    _, out2, _ = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--json", "--checkpointing", "off",
+                       "--world-size", "2")
+    _, out4, _ = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--json", "--checkpointing", "off",
+                       "--world-size", "4", "--fsdp")
+    one, ddp, fsdp = (json.loads(o) for o in (out1, out2, out4))
+    assert ddp["options"]["ddp"] and fsdp["options"]["fsdp_world_size"] == 4
+    # DDP keeps the same static bytes (gradients in its buckets) but they are held during the forward too
+    assert fsdp["static_bytes"] < one["static_bytes"] == ddp["static_bytes"]
+    assert len(ddp["batches"]) >= len(one["batches"])
+
+
+def test_calibrate_on_cpu_compares_real_steps(capsys, manifest, cache):
+    code, out, err = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--checkpointing", "off",
+                           "--calibrate")
+    assert code == 0, err
+    stored = [json.loads(p.read_text()) for p in cache.glob("*.json")]
+    cal = stored[0]["calibration"]
+    assert 3 <= len(cal["rows"]) <= 5
+    assert all(abs(r["allocated_error"]) <= 0.03 for r in cal["rows"]), cal["rows"]
+
+
+@pytest.mark.parametrize("text, value", [("24GiB", 24 * 2**30), ("24G", 24 * 2**30), ("800MiB", 800 * 2**20),
+                                         ("1.5TiB", int(1.5 * 2**40)), ("123456", 123456)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "-3GiB", "GiB", "12 parsecs", "nan"])
+def test_parse_bytes_refuses(text):
+    with pytest.raises(PlanError, match="cannot read the budget"):
+        parse_bytes(text)
