@@ -104,13 +104,15 @@ class MemoryModel:
 
 
 def probe_shapes(max_frames: int, max_tokens: int, batch: int) -> list[tuple[int, int, int]]:
-    """A small design over (T, U) at three batch sizes: enough spread to separate the seven terms.
-    Tokens never exceed frames (CIF emits at most one token per frame)."""
-    ts = sorted({max(8, max_frames // 4), max(8, max_frames // 2), max_frames})
-    us = sorted({max(1, max_tokens // 4), max_tokens})
+    """A design over (T, U) at three batch sizes: enough spread to separate the seven terms, with short
+    and long T and U so that no planned shape is far outside the probes (extrapolating the quadratic
+    to T a tenth of the shortest probe was 3 % off). Tokens never exceed frames (CIF emits at most one
+    token per frame)."""
+    ts = sorted({max(8, max_frames // 10), max(8, max_frames // 3), max_frames})
+    us = sorted({max(1, max_tokens // 10), max(1, max_tokens // 3), max_tokens})
     shapes = [(batch, t, min(u, t)) for t, u in itertools.product(ts, us)]
-    shapes += [(2 * batch, ts[1], min(us[0], ts[1])), (2 * batch, ts[-1], us[-1]),
-               (max(1, batch // 2), max(8, 3 * max_frames // 4), min(max(1, max_tokens // 2), max_frames)),
+    shapes += [(2 * batch, ts[1], min(us[1], ts[1])), (2 * batch, ts[-1], us[-1]),
+               (max(1, batch // 2), max(8, 2 * max_frames // 3), min(max(1, max_tokens // 2), max_frames)),
                (1, ts[1], min(us[0], ts[1]))]
     return list(dict.fromkeys(shapes))
 

@@ -89,16 +89,16 @@ class PeakMemory(TorchDispatchMode):
             if entry[1] == "gradients":
                 self._grads_changed()
 
-    def _grads_changed(self) -> None:
+    def _close_stage(self) -> None:
         self.stages.append((self._grads, self._stage_max))
         self._grads = self.by_tag["gradients"]
         self._stage_max = self.current - self._grads
 
+    _grads_changed = _close_stage
+
     def finish(self) -> None:
         """Close the last stage (called on exit)."""
-        self.stages.append((self._grads, self._stage_max))
-        self._grads = self.by_tag["gradients"]
-        self._stage_max = self.current - self._grads
+        self._close_stage()
 
     # -- what exists before the step
     def _track_resident(self) -> None:
@@ -116,7 +116,9 @@ class PeakMemory(TorchDispatchMode):
 
     def _set_tag(self, tag: str):
         def hook(*_):
-            self._tag = tag
+            if tag != self._tag:
+                self._tag = tag
+                self._close_stage()  # each module's part of the forward is a stage of its own
         return hook
 
     def _install_hooks(self) -> None:
