@@ -118,19 +118,21 @@ def _plan(args) -> int:
         return Limit(model, budget, args.device, args.margin)
 
     frame_seconds = fe.lfr_n * fe.frame_shift / 1000
+    packing = {"max_batch": args.max_batch, "seed": args.seed, "buffer_size": args.buffer_size,
+               "buckets": args.buckets, "costliest_first": args.costliest_first}
     try:
         if args.checkpointing == "auto":
-            plan = make_plan(lengths, limit_for(False), frame_seconds, args.world_size, args.max_batch)
+            plan = make_plan(lengths, limit_for(False), frame_seconds, args.world_size, **packing)
             if plan.excluded:
                 _log(f"{len(plan.excluded)} utterances do not fit without checkpointing; trying with it")
-                other = make_plan(lengths, limit_for(True), frame_seconds, args.world_size, args.max_batch)
+                other = make_plan(lengths, limit_for(True), frame_seconds, args.world_size, **packing)
                 if len(other.excluded) < len(plan.excluded):
                     other.notes.append(f"checkpointing is needed: without it {len(plan.excluded)} utterances "
                                        f"do not fit, with it {len(other.excluded)}")
                     plan = other
         else:
             plan = make_plan(lengths, limit_for(args.checkpointing == "on"), frame_seconds, args.world_size,
-                             args.max_batch)
+                             **packing)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -251,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=None,
                    help="share of the budget kept free (default: the calibration, else 0.10 on cuda)")
     p.add_argument("--max-batch", type=int, default=None, help="at most this many utterances per batch")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's shuffle seed (default 0)")
+    p.add_argument("--buffer-size", type=int, default=20_000, help="utterances sorted together (default 20000)")
+    p.add_argument("--buckets", type=float, default=None, metavar="GROWTH",
+                   help="pad T up to geometric bucket lengths growing by GROWTH, e.g. 1.1 (default: no buckets)")
+    p.add_argument("--costliest-first", action="store_true", help="start with the costliest batch (fail fast)")
     p.add_argument("--holdout", type=int, default=2, help="unseen shapes the fit is checked on (default 2)")
     p.add_argument("--calibrate", action="store_true", help="measure real steps on the device and keep the correction")
     p.add_argument("--explain", action="store_true", help="where the costliest batch's peak goes")

@@ -1,7 +1,7 @@
 """`paratune plan`: batches for a manifest under a memory budget, from the fitted memory model.
 
-Until the memory-bounded sampler lands this packs simply: utterances sorted by length, each batch
-grown while the predicted peak of (B, longest T, largest U) stays within the budget.
+The batches are the ones training will use: `paratune.data.sampler.MemoryBoundedSampler`'s first
+epoch, every rank's, step by step.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paratune.data.manifest import Lengths
+from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
 from paratune.memory.estimate import MemoryModel
 
 # Without a calibration on the GPU the plan keeps this share of the budget for what tensor bytes do
@@ -81,9 +82,12 @@ class Plan:
     world_size: int = 1
     notes: list[str] = field(default_factory=list)
 
+    sampler: object = None
+
     def batch_shapes(self) -> np.ndarray:
-        """(B, T, U) per batch."""
-        return np.array([(len(b), self.lengths.frames[b].max(), self.lengths.tokens[b].max())
+        """(B, T, U) per batch, T padded as the sampler pads it."""
+        pad = self.sampler.padded if self.sampler is not None else (lambda t: t)
+        return np.array([(len(b), pad(int(self.lengths.frames[b].max())), self.lengths.tokens[b].max())
                          for b in self.batches], dtype=np.int64).reshape(-1, 3)
 
     def predicted(self) -> np.ndarray:
@@ -118,44 +122,6 @@ class Plan:
         }
 
 
-def pack_sorted(lengths: Lengths, limit: Limit, max_batch: int | None = None) -> tuple[list[np.ndarray], list[int]]:
-    """Sorted packing: by T then U; each batch is the longest run from its first utterance whose
-    predicted need fits (the need only grows as the run grows, so a galloping search finds it).
-    Returns the batches and the indices that do not fit even alone."""
-    order = np.lexsort((lengths.tokens, lengths.frames))
-    t, u = lengths.frames[order], lengths.tokens[order]
-    n = len(order)
-    cap = n if max_batch is None else max_batch
-    batches, alone = [], []
-
-    def fits(i, k):  # the k utterances from sorted position i
-        return limit.fits(k, int(t[i + k - 1]), int(u[i:i + k].max()))
-
-    i = 0
-    while i < n:
-        if not fits(i, 1):
-            alone.append(int(order[i]))
-            i += 1
-            continue
-        good, step = 1, 1
-        while good < cap and i + good < n:  # gallop: double until it no longer fits
-            k = min(good + step, cap, n - i)
-            if not fits(i, k):
-                break
-            good, step = k, step * 2
-        else:
-            batches.append(order[i:i + good])
-            i += good
-            continue
-        lo, hi = good, min(good + step, cap, n - i)  # fits at lo, not at hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(i, mid) else (lo, mid)
-        batches.append(order[i:i + lo])
-        i += lo
-    return batches, alone
-
-
 def longest_alone(limit: Limit, tokens_per_frame: float) -> int:
     """The most frames one utterance may have and still fit (with the corpus's token rate)."""
     lo, hi = 0, max(1, limit.model.max_frames)
@@ -168,7 +134,8 @@ def longest_alone(limit: Limit, tokens_per_frame: float) -> int:
 
 
 def make_plan(lengths: Lengths, limit: Limit, frame_seconds: float, world_size: int = 1,
-              max_batch: int | None = None) -> Plan:
+              max_batch: int | None = None, seed: int = 0, buffer_size: int = 20_000, buckets: float | None = None,
+              costliest_first: bool = False) -> Plan:
     if not len(lengths):
         raise PlanError("the manifest has no usable utterances: nothing to plan")
     need_static = limit.model.static_step * limit.scale
@@ -177,7 +144,16 @@ def make_plan(lengths: Lengths, limit: Limit, frame_seconds: float, world_size: 
                         f"{gib(need_static)} (parameters, gradients and optimizer state"
                         f"{', with the margin' if limit.scale > 1 else ''}): no batch can fit. "
                         "Raise the budget, shard with --world-size N --fsdp, freeze modules, or use --optimizer sgd")
-    batches, alone = pack_sorted(lengths, limit, max_batch)
+    bounds = bucket_boundaries(int(lengths.frames.max()), buckets) if buckets else None
+    sampler = MemoryBoundedSampler(lengths.frames, lengths.tokens, limit, seed=seed, buffer_size=buffer_size,
+                                   buckets=bounds, costliest_first=costliest_first, world_size=world_size,
+                                   max_batch=max_batch)
+    try:
+        per_rank = [sampler.batches(0, r) for r in range(world_size)]
+    except ValueError as e:
+        raise PlanError(str(e)) from e
+    batches = [np.asarray(per_rank[r][step]) for step in range(len(per_rank[0])) for r in range(world_size)]
+    alone = sampler.excluded(0)
     rate = float(np.median(lengths.tokens / np.maximum(lengths.frames, 1)))
     excluded = []
     if alone:
@@ -191,7 +167,9 @@ def make_plan(lengths: Lengths, limit: Limit, frame_seconds: float, world_size: 
                                        f"{int(lengths.tokens[i])} tokens); split it below {seconds:.1f} s "
                                        f"(paratune prepare --max-duration {math.floor(seconds)} --long-audio split) "
                                        "or drop it (--long-audio drop)"})
-    return Plan(limit.budget, limit, batches, excluded, lengths, world_size)
+    plan = Plan(limit.budget, limit, batches, excluded, lengths, world_size)
+    plan.sampler = sampler
+    return plan
 
 
 def summary(plan: Plan) -> str:
@@ -243,7 +221,7 @@ def write_png(plan: Plan, path) -> None:
     ax.axhline(plan.budget / 2**30, color="red", ls="--", label="budget")
     ax.axhline(plan.limit.model.static_step * plan.limit.scale / 2**30, color="gray", ls=":",
                label="static (parameters, gradients, optimizer)")
-    ax.set_xlabel("batch (sorted by length)")
+    ax.set_xlabel("batch, in training order (epoch 0" + (", step-major over ranks)" if plan.world_size > 1 else ")"))
     ax.set_ylabel("GiB")
     ax.set_ylim(0, plan.budget / 2**30 * 1.08)
     ax.set_title(f"{len(plan.batches)} batches, padding waste {100 * plan.padding_waste():.1f} %")
