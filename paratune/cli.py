@@ -217,6 +217,31 @@ def _explain(args, spec, plan) -> None:
             print(f"  {tag:<24} {n / 2**30:8.3f} GiB  {100 * n / traced.peak:5.1f} %")
 
 
+def _prepare(args) -> int:
+    from paratune.data.prepare import PrepareError, prepare
+    from paratune.modeldir import ModelDirError, load_model, read_model_dir
+
+    try:
+        spec = read_model_dir(args.model)
+        align = None
+        if args.align_model:
+            asr = load_model(args.align_model)
+            align = (asr.model, asr.frontend)
+        if args.long_audio != "keep" and not args.max_duration:
+            raise PrepareError(f"--long-audio {args.long_audio} needs --max-duration SECONDS")
+        result = prepare(args.inputs, args.output, spec.tokenizer, spec.frontend.lfr_n, args.transcripts,
+                         args.max_duration, args.long_audio, align, args.workers)
+    except (PrepareError, ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    from paratune.data.prepare import summary_text
+    print(summary_text(result))
+    print(f"wrote {args.output}/data.jsonl, report.json, report.txt, report.png")
+    if not result["counts"]["kept"]:
+        return EXIT_FAILED
+    return EXIT_PARTIAL if result["counts"]["excluded"] else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paratune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--png", default="plan.png", help="plot of predicted need per batch (default plan.png; '' for none)")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("prepare", help="check a corpus and write a canonical jsonl with lengths and a report",
+                       description="INPUT: FunASR jsonl, Kaldi wav.scp (with `text` beside it) or data folder, or a "
+                                   "folder of audio (with --transcripts). Writes OUTPUT/data.jsonl (key, source, "
+                                   "target, source_len, target_len, duration, sample_rate, frames, tokens), "
+                                   "report.json, report.txt and report.png. Every utterance left out is in the "
+                                   "report with its reason (exit status 1 if any).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--model", required=True, type=Path, help="model directory: its tokens and frontend")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--transcripts", type=Path, help="TSV `name<TAB>text` for a folder of audio")
+    p.add_argument("--max-duration", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--long-audio", choices=["split", "drop", "keep"], default="keep",
+                   help="clips over --max-duration: cut at pauses (silero-vad), leave out, or keep (default)")
+    p.add_argument("--align-model", type=Path, help="model directory whose CIF predictor divides transcripts "
+                                                    "when splitting labelled audio")
+    p.add_argument("--workers", type=int, default=16, help="threads reading audio headers")
+    p.set_defaults(func=_prepare)
     return parser
 
 
