@@ -1,0 +1,65 @@
+"""Batches of features for training: computed in DataLoader worker processes, padded, pinned.
+
+The sampler decides which utterances go together; workers read and resample the audio and compute the
+fbank + LFR + CMVN features (the expensive part, kept off the training process), and the collate pads
+them to the batch's (bucketed) length. Pinned host memory lets the copy to the GPU run asynchronously.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+
+from paratune.data.audio import load_audio
+from paratune.data.frontend import WavFrontend
+from paratune.data.tokenizer import CharTokenizer
+
+IGNORE_ID = -1  # padding of the targets, which the loss ignores (FunASR's ignore_id)
+
+
+class FeatureDataset(Dataset):
+    """rows: dicts with "key", "source" and (for training) "target", e.g. `paratune prepare`'s data.jsonl."""
+
+    def __init__(self, rows: list[dict], frontend: WavFrontend, tokenizer: CharTokenizer, train: bool = True):
+        self.rows, self.frontend, self.tokenizer, self.train = rows, frontend, tokenizer, train
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        self.frontend.train(self.train)  # dither only in training
+        feats = self.frontend.features(load_audio(row["source"], self.frontend.fs))
+        text = torch.tensor(self.tokenizer.encode(row.get("target") or ""), dtype=torch.long)
+        return {"key": row["key"], "index": i, "speech": feats, "text": text}
+
+
+def collate(items: list[dict], pad_frames=None) -> dict:
+    """Pad to the longest utterance (or to `pad_frames(longest)`, the sampler's bucket length)."""
+    lengths = torch.tensor([x["speech"].shape[0] for x in items])
+    speech = pad_sequence([x["speech"] for x in items], batch_first=True)
+    if pad_frames is not None:
+        target = int(pad_frames(int(lengths.max())))
+        if target > speech.shape[1]:
+            speech = torch.nn.functional.pad(speech, (0, 0, 0, target - speech.shape[1]))
+    text = pad_sequence([x["text"] for x in items], batch_first=True, padding_value=IGNORE_ID)
+    return {"speech": speech, "speech_lengths": lengths, "text": text,
+            "text_lengths": torch.tensor([len(x["text"]) for x in items]),
+            "keys": [x["key"] for x in items], "indices": [x["index"] for x in items]}
+
+
+def make_loader(dataset: FeatureDataset, batch_sampler, workers: int = 2, pin_memory: bool | None = None,
+                prefetch: int = 2) -> DataLoader:
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    pad = getattr(batch_sampler, "padded", None)
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=partial(collate, pad_frames=pad),
+                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=prefetch if workers > 0 else None)
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The four tensors the model's forward takes, on `device` (non-blocking from pinned memory)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in ("speech", "speech_lengths", "text", "text_lengths")}
