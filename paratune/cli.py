@@ -242,6 +242,51 @@ def _prepare(args) -> int:
     return EXIT_PARTIAL if result["counts"]["excluded"] else EXIT_OK
 
 
+def _finetune(args) -> int:
+    from paratune.data.prepare import PrepareError
+    from paratune.memory.plan import PlanError, parse_bytes
+    from paratune.modeldir import ModelDirError
+    from paratune.train.config import ConfigError
+    from paratune.train.finetune import finetune
+
+    try:
+        args.budget = parse_bytes(args.budget) if args.budget else None
+        args.inject_oom = [int(x) for x in args.inject_oom.split(",") if x.strip()] if args.inject_oom else []
+        bad = [o for o in args.overrides if not o.startswith("++")]
+        if bad:
+            raise ConfigError(f"unrecognized argument(s) {' '.join(bad)} (overrides look like ++train_conf.max_epoch=1)")
+        return finetune(args)
+    except (ConfigError, ModelDirError, PlanError, PrepareError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _eval(args) -> int:
+    import torch
+
+    from paratune.modeldir import ModelDirError, load_model
+    from paratune.train.finetune import load_split, validate
+
+    try:
+        asr = load_model(args.model)
+        rows, lengths, errors = load_split(args.data, asr)
+    except (ModelDirError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if not rows:
+        print("error: no usable utterance", file=sys.stderr)
+        return EXIT_FAILED
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    asr.model.to(device)
+    result = validate(asr, rows, lengths, device)
+    print(f"utterances {result['utterances']}")
+    print(f"CER {100 * result['cer']:.2f}%")
+    print(f"WER {100 * result['wer']:.2f}%")
+    return EXIT_PARTIAL if errors else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paratune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,6 +352,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "when splitting labelled audio")
     p.add_argument("--workers", type=int, default=16, help="threads reading audio headers")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("finetune", help="train a Paraformer within a memory budget",
+                       description="Plans batches with the memory model, trains with OOM recovery, watches memory "
+                                   "every step, writes OUTPUT/final (a FunASR model directory), memory.csv, "
+                                   "memory.png, ledger.jsonl, checkpoint.pt. FunASR-style overrides: "
+                                   "++train_conf.max_epoch=1.")
+    p.add_argument("--model", required=True, type=Path, help="model directory to start from")
+    p.add_argument("--train", required=True, type=Path, nargs="+", help="jsonl manifest(s)")
+    p.add_argument("--valid", type=Path, nargs="+", help="jsonl manifest(s) for validation each epoch")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--budget", help="memory per device (default: the GPU's memory; 8GiB of tensors on CPU)")
+    p.add_argument("--config", type=Path, help="YAML with train_conf, optim_conf, scheduler_conf, dataset_conf, "
+                                               "memory, freeze")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"])
+    p.add_argument("--freeze", nargs="*", default=None, metavar="PREFIX")
+    p.add_argument("--device", default=None)
+    p.add_argument("--from-scratch", action="store_true", help="random weights (the directory needs no model.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--inject-oom", metavar="STEP[,STEP...]",
+                   help="raise a real torch.OutOfMemoryError at these steps (testing the recovery)")
+    p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("eval", help="CER and WER of a model directory on a manifest")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path, nargs="+")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_eval)
     return parser
 
 

@@ -22,8 +22,10 @@ IGNORE_ID = -1  # padding of the targets, which the loss ignores (FunASR's ignor
 class FeatureDataset(Dataset):
     """rows: dicts with "key", "source" and (for training) "target", e.g. `paratune prepare`'s data.jsonl."""
 
-    def __init__(self, rows: list[dict], frontend: WavFrontend, tokenizer: CharTokenizer, train: bool = True):
+    def __init__(self, rows: list[dict], frontend: WavFrontend, tokenizer: CharTokenizer, train: bool = True,
+                 seed: int = 0):
         self.rows, self.frontend, self.tokenizer, self.train = rows, frontend, tokenizer, train
+        self.seed, self.epoch = seed, 0  # the dither noise depends on (seed, epoch, utterance) only
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -31,7 +33,11 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         self.frontend.train(self.train)  # dither only in training
-        feats = self.frontend.features(load_audio(row["source"], self.frontend.fs))
+        wave = load_audio(row["source"], self.frontend.fs)
+        # seeded per utterance, not by worker: the same features whichever worker reads it, after a resume too
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            feats = self.frontend.features(wave)
         text = torch.tensor(self.tokenizer.encode(row.get("target") or ""), dtype=torch.long)
         return {"key": row["key"], "index": i, "speech": feats, "text": text}
 
@@ -55,9 +61,10 @@ def make_loader(dataset: FeatureDataset, batch_sampler, workers: int = 2, pin_me
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     pad = getattr(batch_sampler, "padded", None)
+    # its own generator: making a loader does not draw from the global RNG (exact resume)
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=partial(collate, pad_frames=pad),
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=prefetch if workers > 0 else None)
+                      prefetch_factor=prefetch if workers > 0 else None, generator=torch.Generator())
 
 
 def model_inputs(batch: dict, device) -> dict:

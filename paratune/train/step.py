@@ -34,6 +34,40 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
     return torch.autocast(device_type, dtype=dtype)
 
 
+def backward_batch(model: nn.Module, batch: dict, scale: float = 1.0, autocast_dtype: torch.dtype | None = None,
+                   scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Forward and backward of one (micro-)batch, gradients added to `.grad`, loss multiplied by
+    `scale` (the batch's share of the step, for accumulation and split batches). Returns the
+    model's stats as tensors (reading them syncs a GPU) and the loss weight."""
+    device_type = batch["speech"].device.type
+    with autocast_context(device_type, autocast_dtype):
+        loss, stats, weight = model(**{k: batch[k] for k in ("speech", "speech_lengths", "text", "text_lengths")})
+    loss = loss * scale if scale != 1.0 else loss
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    stats["weight"] = weight
+    return stats
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None = None,
+                   scaler: torch.amp.GradScaler | None = None, keep_grads: bool = False):
+    """Clip, step, drop the gradients. Returns the gradient norm before clipping (a tensor) or None."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = None
+    if grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=not keep_grads)
+    return norm
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float | None = None,
                autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                return_stats: bool = True, keep_grads: bool = False) -> dict:
@@ -46,23 +80,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
     (`gradient_as_bucket_view=True`), which stay allocated whatever is done: `keep_grads=True` zeroes
     them in place instead, which is what the memory model assumes for DDP."""
     optimizer.zero_grad(set_to_none=not keep_grads)
-    device_type = batch["speech"].device.type
-    with autocast_context(device_type, autocast_dtype):
-        loss, stats, _ = model(**batch)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if grad_clip:
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.grad is not None], grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=not keep_grads)
+    stats = backward_batch(model, batch, 1.0, autocast_dtype, scaler)
+    norm = optimizer_step(model, optimizer, grad_clip, scaler, keep_grads)
     if not return_stats:  # reading values syncs a GPU, and is impossible on fake tensors (memory model)
         return {}
+    if norm is not None:
+        stats["grad_norm"] = norm
     return {k: float(v) for k, v in stats.items() if v is not None}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Train a small Paraformer from scratch on spoken digits and report its word error rate.
+#
+#   examples/fsdd/run.sh TRAIN_DIR TEST_DIR EXP_DIR
+#
+# TRAIN_DIR and TEST_DIR hold recordings named like the Free Spoken Digit Dataset's,
+# {digit}_{speaker}_{index}.wav, at any sample rate. The transcript of each is its digit.
+# Prints `WER <x>%` as its last line. Extra arguments after EXP_DIR go to `paratune finetune`
+# (e.g. ++train_conf.max_epoch=5).
+set -euo pipefail
+if [ $# -lt 3 ]; then
+    echo "usage: $0 TRAIN_DIR TEST_DIR EXP_DIR [++key=value ...]" >&2
+    exit 2
+fi
+train_dir=$1 test_dir=$2 exp=$3
+shift 3
+here=$(cd "$(dirname "$0")" && pwd)
+paratune=${PARATUNE:-paratune}
+mkdir -p "$exp/data"
+
+# transcripts from the file names: 3_george_12.wav -> 3
+for split in train test; do
+    dir=$train_dir
+    [ "$split" = test ] && dir=$test_dir
+    find "$dir" -maxdepth 1 -name '*_*_*.wav' -printf '%f\n' | sort | awk -F_ '{print $0 "\t" $1}' > "$exp/data/$split.tsv"
+    # exit status 1 means some files were left out: the report says which and why
+    $paratune prepare "$dir" --transcripts "$exp/data/$split.tsv" --model "$here/model" \
+        --output "$exp/data/$split" >&2 || [ $? -eq 1 ]
+done
+
+$paratune finetune --model "$here/model" --from-scratch --train "$exp/data/train/data.jsonl" \
+    --valid "$exp/data/test/data.jsonl" --output "$exp" --budget 4GiB "$@" >&2
+
+$paratune eval --model "$exp/final" --data "$exp/data/test/data.jsonl" | tail -n 1

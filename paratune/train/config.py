@@ -1,0 +1,73 @@
+"""The fine-tuning configuration: defaults, then the model's config.yaml, then `--config`, then
+FunASR-style `++a.b=c` overrides. FunASR's `train_conf` keys keep their meaning."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+DEFAULTS = {
+    "train_conf": {"max_epoch": 10, "accum_grad": 1, "grad_clip": 5.0, "keep_nbest_models": 5,
+                   "avg_nbest_model": 3, "log_interval": 50, "save_checkpoint_interval": 500,
+                   "validate_interval": 0, "seed": 0},
+    "optim_conf": {"lr": 0.0002, "weight_decay": 0.0},
+    "scheduler_conf": {"warmup_steps": 1000},
+    "dataset_conf": {"buffer_size": 20000, "buckets": None, "num_workers": 2, "costliest_first": True,
+                     "specaug": True, "max_batch": None},
+    "memory": {"precision": "fp32", "checkpointing": "auto", "margin": None, "cpu_track_every": 10},
+    "freeze": [],
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def merge(base: dict, extra: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (extra or {}).items():
+        if k not in out:
+            continue  # FunASR configs carry many sections paratune has no use for (model, frontend, ...)
+        if isinstance(out[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: {k} must be a mapping, got {v!r}")
+            out[k] = {**out[k], **{kk: vv for kk, vv in v.items()}}
+        else:
+            out[k] = v
+    return out
+
+
+def apply_override(config: dict, text: str) -> dict:
+    """`++train_conf.max_epoch=1` -> config["train_conf"]["max_epoch"] = 1 (value parsed as YAML)."""
+    if not text.startswith("++") or "=" not in text:
+        raise ConfigError(f"override {text!r}: expected ++section.key=value")
+    path, _, raw = text[2:].partition("=")
+    keys = path.split(".")
+    node = config
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            raise ConfigError(f"override {text!r}: no section {k!r} (sections: {', '.join(config)})")
+        node = node[k]
+    if keys[-1] not in node:
+        raise ConfigError(f"override {text!r}: unknown key {keys[-1]!r} in {'.'.join(keys[:-1]) or 'config'} "
+                          f"(known: {', '.join(node)})")
+    node[keys[-1]] = yaml.safe_load(raw)
+    return config
+
+
+def load_config(model_config: dict, config_file: Path | None, overrides: list[str]) -> dict:
+    config = merge(DEFAULTS, model_config, "model config.yaml")
+    if config_file is not None:
+        try:
+            extra = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{config_file}: {e}") from e
+        unknown = set(extra) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown section(s) {', '.join(sorted(unknown))} "
+                              f"(known: {', '.join(DEFAULTS)})")
+        config = merge(config, extra, str(config_file))
+    for text in overrides:
+        config = apply_override(config, text)
+    return config

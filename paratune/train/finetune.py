@@ -1,0 +1,304 @@
+"""`paratune finetune`: the recipe, top to bottom.
+
+1. the configuration (defaults < model config.yaml < --config < ++overrides);
+2. the model directory (or a fresh model with --from-scratch), the manifests' lengths;
+3. the memory plan: fitted memory model, checkpointing only if something does not fit without it,
+   the memory-bounded sampler;
+4. the loop: micro-batches through the OOM guard, clip, step, warmup schedule; memory monitor, ledger,
+   checkpoints every N steps and at each epoch's end (exact resume with --resume);
+5. validation (loss, CER) each epoch, the n best kept and averaged into `exp/final/`, a FunASR directory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paratune.data.loader import FeatureDataset, make_loader, model_inputs
+from paratune.data.manifest import read_lengths
+from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
+from paratune.data.specaug import augment_batch
+from paratune.memory.estimate import load_or_fit
+from paratune.memory.plan import Limit, gib
+from paratune.memory.trace import PRECISIONS, StepOptions
+from paratune.memory.tracker import PeakMemory
+from paratune.model.paraformer import set_checkpointing
+from paratune.modeldir import ASRModel, ModelDirError, load_model, read_model_dir, save_model
+from paratune.train import checkpoint
+from paratune.train.config import load_config
+from paratune.train.guard import InjectOOM, Micro, loss_weight, run_step
+from paratune.train.ledger import Ledger
+from paratune.train.metrics import error_rate
+from paratune.train.monitor import MemoryMonitor
+from paratune.train.schedule import WarmupLR
+from paratune.train.step import make_optimizer, optimizer_step
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_rows(paths) -> list[dict]:
+    """The jsonl rows (key, source, target), in the order read_lengths keeps them."""
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        rows.append({})
+    return rows
+
+
+def load_split(paths, spec):
+    lengths, errors = read_lengths(paths, spec.tokenizer, spec.frontend.lfr_n, spec.frontend.frame_shift,
+                                   spec.frontend.frame_length)
+    by_key = {r.get("key"): r for r in read_rows(paths)}
+    rows = []
+    for key in lengths.keys:
+        r = by_key[key]
+        src = Path(r["source"])
+        if not src.is_absolute() and not src.exists():
+            src = Path(paths[0]).parent / src
+        rows.append({"key": key, "source": str(src), "target": r.get("target", "")})
+    return rows, lengths, errors
+
+
+def estimate_cmvn(rows, frontend, n: int = 2000) -> torch.Tensor:
+    """Mean and inverse std of the features of up to n training utterances, in am.mvn's layout."""
+    from paratune.data.audio import load_audio
+    frontend.eval()
+    feats = torch.cat([frontend.features(load_audio(r["source"], frontend.fs)) for r in rows[:n]])
+    return torch.stack([-feats.mean(0), 1 / feats.std(0).clamp_min(1e-3)])
+
+
+@torch.no_grad()
+def validate(asr: ASRModel, rows, lengths, device, batch_frames: int = 20000) -> dict:
+    model = asr.model.eval()
+    sampler = MemoryBoundedSampler(lengths.frames, lengths.tokens, max_frames=batch_frames, shuffle=False)
+    loader = make_loader(FeatureDataset(rows, asr.frontend, asr.tokenizer, train=False), sampler, workers=0)
+    hyps, refs, loss_sum, weight_sum = [], [], 0.0, 0.0
+    for batch in loader:
+        inputs = model_inputs(batch, device)
+        loss, _, weight = model(**inputs)
+        loss_sum += float(loss) * float(weight)
+        weight_sum += float(weight)
+        for ids, i in zip(model.decode(inputs["speech"], inputs["speech_lengths"]), batch["indices"]):
+            hyps.append(asr.text(ids))
+            refs.append(rows[i]["target"])
+    model.train()
+    return {"loss": loss_sum / max(weight_sum, 1e-9), "cer": error_rate(hyps, refs, "char"),
+            "wer": error_rate(hyps, refs, "word"), "utterances": len(refs)}
+
+
+def finetune(args) -> int:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = read_model_dir(args.model)
+    config = load_config(spec.config, args.config, args.overrides)
+    tc, dc, mc = config["train_conf"], config["dataset_conf"], config["memory"]
+    for name in ("precision", "checkpointing"):
+        if getattr(args, name, None):
+            mc[name] = getattr(args, name)
+    if args.freeze:
+        config["freeze"] = list(args.freeze)
+    seed = int(tc["seed"])
+    random.seed(seed)
+    torch.manual_seed(seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+    # -- data
+    train_rows, train_len, errors = load_split(args.train, spec)
+    for e in errors:
+        log(f"excluded: {e}")
+    if not train_rows:
+        raise ModelDirError("no usable training utterance")
+    valid = load_split(args.valid, spec) if args.valid else None
+
+    # -- model
+    if args.from_scratch:
+        if spec.frontend.cmvn is None:
+            spec.frontend.cmvn = estimate_cmvn(train_rows, spec.frontend)
+            log(f"CMVN estimated from {min(2000, len(train_rows))} training utterances")
+        asr = ASRModel(spec.build(), spec.frontend, spec.tokenizer, spec.config, spec.root)
+    else:
+        asr = load_model(args.model)
+    model = asr.model
+    frozen = tuple(config["freeze"])
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(name.startswith(f) for f in frozen))
+
+    # -- memory plan
+    budget = args.budget
+    if budget is None:
+        budget = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 * 2**30
+    options = StepOptions(precision=mc["precision"], checkpointing=False, frozen=frozen,
+                          grad_clip=tc["grad_clip"], device="cuda" if device.type == "cuda" else "cpu")
+    t_max, u_max = int(train_len.frames.max()), int(train_len.tokens.max())
+
+    def limit_for(opts):
+        m, cached = load_or_fit(spec.config, spec.vocab_size, spec.input_size, opts, t_max, u_max, holdout=0,
+                                log=log)
+        return Limit(m, budget, options.device, mc["margin"])
+
+    limit = limit_for(options)
+    need_ckpt = mc["checkpointing"] == "on" or (
+        mc["checkpointing"] == "auto" and not limit.fits(1, t_max, u_max))
+    if need_ckpt:
+        options = StepOptions(**{**options.to_dict(), "checkpointing": True})
+        limit = limit_for(options)
+        set_checkpointing(model, encoder_blocks=None, decoder_blocks=None)
+        log("activation checkpointing on: " + ("asked for" if mc["checkpointing"] == "on"
+                                              else "the longest utterance does not fit without it"))
+    if limit.model.static_step * limit.scale > budget:
+        raise ModelDirError(f"the budget {gib(budget)} is below the static memory {gib(limit.model.static_step)}")
+    model.to(device).train()
+    buckets = bucket_boundaries(t_max, dc["buckets"]) if dc["buckets"] else None
+    sampler = MemoryBoundedSampler(train_len.frames, train_len.tokens, limit, seed=seed,
+                                   buffer_size=dc["buffer_size"], buckets=buckets,
+                                   costliest_first=dc["costliest_first"], max_batch=dc["max_batch"])
+    optimizer = make_optimizer(model, lr=float(config["optim_conf"]["lr"]),
+                               weight_decay=float(config["optim_conf"]["weight_decay"]))
+    scheduler = WarmupLR(optimizer, int(config["scheduler_conf"]["warmup_steps"]))
+    autocast_dtype = PRECISIONS[mc["precision"]]
+    scaler = torch.amp.GradScaler(device.type) if mc["precision"] == "fp16" else None
+    inject = InjectOOM(model, args.inject_oom or [])
+    log(f"plan: {len(train_rows)} utterances, {len(sampler)} batches per epoch, budget {gib(budget)}, "
+        f"static {gib(limit.model.static_step)}, precision {mc['precision']}, checkpointing "
+        f"{'on' if need_ckpt else 'off'}, {'calibrated' if limit.calibrated else 'uncalibrated'}")
+
+    # -- state, resume
+    step, epoch, position, best = 0, 0, 0, []
+    state_path = out / "checkpoint.pt"
+    gen = torch.Generator().manual_seed(seed)
+    if args.resume and state_path.exists():
+        state = checkpoint.load(state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        gen.set_state(state["specaug_rng"])
+        step, epoch, position, best = state["step"], state["epoch"], state["sampler"]["position"], state["best"]
+        Ledger.truncate_after(out / "ledger.jsonl", epoch, step)
+        log(f"resumed from {state_path}: epoch {epoch}, step {step}, batch {position} of the epoch")
+    ledger = Ledger(out / "ledger.jsonl")
+    monitor = MemoryMonitor(out, budget, device, log=log)
+
+    def save_state():
+        checkpoint.save(state_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "sampler": {**sampler.state_dict(), "epoch": epoch, "position": position},
+            "rng": checkpoint.rng_state(), "specaug_rng": gen.get_state(), "step": step, "epoch": epoch,
+            "best": best})
+
+    weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
+    dataset = FeatureDataset(train_rows, asr.frontend, asr.tokenizer, train=True, seed=seed)
+    accum = max(1, int(tc["accum_grad"]))
+    max_epoch = int(tc["max_epoch"])
+    excluded = [train_rows[i]["key"] for i in sampler.excluded(0)]
+    if excluded:
+        log(f"{len(excluded)} utterances do not fit even alone and are excluded (see the ledger)")
+    t_start, tokens_done = time.time(), 0
+    while epoch < max_epoch:
+        sampler.set_epoch(epoch)
+        sampler.position = position
+        n_batches = len(sampler.batches(epoch))
+        dataset.epoch = epoch
+        if position == 0:
+            ledger.write(epoch, step, excluded, "excluded", "does not fit the budget even alone")
+        loader = make_loader(dataset, sampler, workers=int(dc["num_workers"]))
+        group, group_shapes = [], []
+        for batch in loader:
+            position += 1
+            if dc["specaug"]:
+                batch["speech"] = augment_batch(batch["speech"], batch["speech_lengths"], gen,
+                                                asr.frontend.n_mels, asr.frontend.lfr_m)
+            inputs = {**model_inputs(batch, device), "keys": batch["keys"]}
+            group.append(Micro(inputs, 1.0 / accum))
+            group_shapes.append((len(batch["keys"]), int(batch["speech"].shape[1]), int(batch["text"].shape[1])))
+            if len(group) < accum and position < n_batches:
+                continue
+            step += 1
+            inject.arm(step)
+            monitor.start_step()
+            # on CPU the tensor tracker costs a Python call per operator: every few steps only
+            track = device.type == "cuda" or step <= 3 or step % int(mc["cpu_track_every"]) == 0
+            tracker = PeakMemory(model, optimizer) if device.type == "cpu" and track else None
+            with tracker if tracker is not None else _null():
+                result = run_step(model, optimizer, group, weight_of, autocast_dtype, scaler,
+                                  on_oom=lambda e, n: log(f"step {step}: {e}; splitting {n} utterances"))
+                optimizer_step(model, optimizer, tc["grad_clip"], scaler)
+            scheduler.step()
+            b, t, u = max(group_shapes, key=lambda s: s[0] * s[1])
+            predicted = int(limit.model.peak(b, t, u))
+            if track:
+                monitor.end_step(step, epoch, (b, t, u), predicted, tracker.peak if tracker else None,
+                                 tracker.current if tracker else None)
+            ledger.write(epoch, step, result.trained, "trained")
+            if result.quarantined:
+                ledger.write(epoch, step, result.quarantined, "quarantined", "out of memory even alone")
+                log(f"step {step}: quarantined {', '.join(result.quarantined)} (out of memory even alone)")
+            ledger.flush()
+            tokens_done += sum(int(m.batch["text_lengths"].sum()) for m in group)
+            if step % int(tc["log_interval"]) == 0 or position == n_batches:
+                losses = [float(s["loss"]) for s in result.stats]
+                elapsed = time.time() - t_start
+                log(f"epoch {epoch} step {step} batch {position}/{n_batches} loss {np.mean(losses):.3f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} {tokens_done / max(elapsed, 1e-9):.0f} tokens/s "
+                    f"memory peak {gib(monitor.samples[-1].peak)} at step {monitor.samples[-1].step} (predicted "
+                    f"{gib(predicted)}, budget {gib(budget)})")
+            group, group_shapes = [], []
+            if int(tc["save_checkpoint_interval"]) and step % int(tc["save_checkpoint_interval"]) == 0:
+                save_state()
+        epoch, position = epoch + 1, 0
+        if valid is not None:
+            result = validate(asr, valid[0], valid[1], device)
+            log(f"epoch {epoch - 1} validation: loss {result['loss']:.3f}, CER {100 * result['cer']:.2f} %, "
+                f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances")
+            path = out / f"model.ep{epoch - 1}.pt"
+            checkpoint.save(path, model.state_dict())
+            best = sorted(best + [[result["cer"], str(path)]], key=lambda x: x[0])
+            for _, drop in best[int(tc["keep_nbest_models"]):]:
+                Path(drop).unlink(missing_ok=True)
+            best = best[:int(tc["keep_nbest_models"])]
+        save_state()
+    monitor.close()
+    ledger.close()
+
+    # -- the final model: average of the n best (by validation CER), or the last weights
+    if best and int(tc["avg_nbest_model"]) > 0:
+        chosen = [p for _, p in best[:int(tc["avg_nbest_model"])]]
+        model.load_state_dict(checkpoint.average(chosen))
+        log(f"final model: average of {len(chosen)} best epochs by validation CER: "
+            + ", ".join(Path(p).name for p in chosen))
+    model.to("cpu").eval()
+    for layer in list(model.encoder.blocks()) + list(model.decoder.blocks()):
+        layer.checkpoint = False
+    config_out = dict(asr.config)
+    save_model(ASRModel(model, asr.frontend.cpu(), asr.tokenizer, config_out, asr.path, asr.files), out / "final")
+    log(f"wrote {out / 'final'} (loads in funasr.AutoModel), {out / 'memory.csv'}, {out / 'memory.png'}, "
+        f"{out / 'ledger.jsonl'}; {time.time() - t_start:.0f} s")
+    return 0
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

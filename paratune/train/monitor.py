@@ -1,0 +1,163 @@
+"""Memory, watched every step, beside the plan's prediction, with a one-line explanation when it grows.
+
+On a GPU the figures are the caching allocator's own (`torch.cuda.memory_stats`): allocated now and at
+the step's peak, reserved, inactive split blocks (freed blocks cut into pieces no request fits: the
+fragmentation signature) and allocation retries (the allocator had to free its cache and try again).
+On a CPU, the step's tensor bytes come from `PeakMemory` (the tracker the memory model is fitted with)
+and the process's resident set size from /proc.
+
+Detectors, each saying what it saw and what to do:
+- leak: memory left allocated after the step (the baseline) rising step after step;
+- fragmentation: reserved minus allocated rising, or allocator retries;
+- outlier batch: a step's peak far above what the plan predicted for its shape.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FIELDS = ("step", "epoch", "batch", "frames", "tokens", "predicted", "peak", "allocated", "reserved",
+          "inactive_split", "retries", "rss", "budget")
+
+
+@dataclass
+class Sample:
+    step: int
+    epoch: int
+    batch: int
+    frames: int
+    tokens: int
+    predicted: int
+    peak: int
+    allocated: int
+    reserved: int
+    inactive_split: int
+    retries: int
+    rss: int
+    budget: int
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MemoryMonitor:
+    def __init__(self, out_dir: Path, budget: int, device: torch.device, window: int = 50, tensorboard: bool = True,
+                 log=print):
+        self.out_dir, self.budget, self.device, self.window, self.log = Path(out_dir), budget, device, window, log
+        self.samples: list[Sample] = []
+        self.findings: dict[str, str] = {}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "memory.csv"
+        new = not path.exists()
+        self._csv = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._csv, fieldnames=FIELDS)
+        if new:
+            self._writer.writeheader()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except ImportError:
+                pass
+        self.empty_cache_calls = 0
+
+    def start_step(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def end_step(self, step: int, epoch: int, shape: tuple[int, int, int], predicted: int, tracked_peak: int | None = None,
+                 tracked_now: int | None = None) -> Sample:
+        if self.device.type == "cuda":
+            s = torch.cuda.memory_stats(self.device)
+            peak, allocated = s.get("allocated_bytes.all.peak", 0), s.get("allocated_bytes.all.current", 0)
+            reserved, inactive = s.get("reserved_bytes.all.current", 0), s.get("inactive_split_bytes.all.current", 0)
+            retries = s.get("num_alloc_retries", 0)
+        else:
+            peak, allocated = tracked_peak or 0, tracked_now or 0
+            reserved, inactive, retries = 0, 0, 0
+        sample = Sample(step, epoch, shape[0], shape[1], shape[2], int(predicted), int(peak), int(allocated),
+                        int(reserved), int(inactive), int(retries), rss_bytes(), self.budget)
+        self.samples.append(sample)
+        self._writer.writerow(asdict(sample))
+        if self._tb is not None:
+            for k in ("predicted", "peak", "allocated", "reserved", "rss"):
+                self._tb.add_scalar(f"memory/{k}_gib", getattr(sample, k) / 2**30, step)
+        self._detect(sample)
+        return sample
+
+    # -- detectors
+    def _say(self, kind: str, text: str) -> None:
+        if self.findings.get(kind) != text:
+            self.findings[kind] = text
+            self.log(f"memory: {kind}: {text}")
+
+    def _detect(self, s: Sample) -> None:
+        recent = self.samples[-self.window:]
+        if s.predicted and s.peak > 1.10 * s.predicted:
+            self._say("outlier_batch", f"step {s.step} (B={s.batch}, T={s.frames}, U={s.tokens}) peaked at "
+                                       f"{s.peak / 2**30:.2f} GiB, {100 * (s.peak / s.predicted - 1):.0f} % over the "
+                                       f"predicted {s.predicted / 2**30:.2f} GiB: recalibrate (paratune plan --calibrate)"
+                                       " or lower the budget")
+        if len(recent) >= self.window:
+            base = np.array([r.allocated for r in recent], dtype=float)
+            slope = np.polyfit(np.arange(len(base)), base, 1)[0]
+            rise = slope * len(base)
+            if rise > max(0.02 * base[0], 8 * 2**20) and (np.diff(base) >= 0).mean() > 0.8:
+                self._say("leak", f"memory left allocated after each step rose {rise / 2**20:.0f} MiB over the last "
+                                  f"{len(base)} steps (now {base[-1] / 2**30:.2f} GiB): something keeps tensors from "
+                                  "earlier steps (a loss kept for logging without .item(), a list of outputs, a hook)")
+            if self.device.type == "cuda":
+                gap = np.array([r.reserved - r.allocated for r in recent], dtype=float)
+                gap_rise = gap[-1] - gap[0]
+                if (gap_rise > 0.05 * max(1, recent[-1].reserved) or recent[-1].retries > recent[0].retries):
+                    self._say("fragmentation", f"reserved exceeds allocated by {gap[-1] / 2**30:.2f} GiB "
+                                               f"(+{gap_rise / 2**30:.2f} GiB over {len(gap)} steps), "
+                                               f"{recent[-1].retries} allocator retries: changing batch shapes "
+                                               "fragment the cache; use --buckets 1.1 and "
+                                               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+                    if gap[-1] > 0.2 * max(1, recent[-1].reserved):
+                        torch.cuda.empty_cache()  # only past the threshold: it costs the next steps' speed
+                        self.empty_cache_calls += 1
+
+    def close(self) -> None:
+        self._csv.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self.samples:
+            self.plot(self.out_dir / "memory.png")
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from paratune.io import atomic_write
+
+        steps = [s.step for s in self.samples]
+        fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
+        ax.plot(steps, [s.predicted / 2**30 for s in self.samples], lw=0.8, label="predicted peak")
+        ax.plot(steps, [s.peak / 2**30 for s in self.samples], lw=0.8, label="measured peak")
+        ax.plot(steps, [s.allocated / 2**30 for s in self.samples], lw=0.8, label="allocated after step")
+        if self.device.type == "cuda":
+            ax.plot(steps, [s.reserved / 2**30 for s in self.samples], lw=0.8, label="reserved")
+        ax.axhline(self.budget / 2**30, color="red", ls="--", label="budget")
+        ax.set_xlabel("step")
+        ax.set_ylabel("GiB")
+        ax.set_ylim(0, max(self.budget, max(s.peak for s in self.samples)) / 2**30 * 1.08)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title("memory per step" + (" (tensor bytes, CPU)" if self.device.type != "cuda" else ""))
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        plt.close(fig)

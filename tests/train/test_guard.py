@@ -1,0 +1,89 @@
+"""The OOM guard: a split step gives the unsplit step's gradient; quarantine; injected OOMs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from paratune.model.paraformer import build_paraformer
+from paratune.train.guard import InjectOOM, Micro, loss_weight, run_step, take
+from paratune.train.step import make_optimizer
+from tests.data.digits import digit_config
+
+
+def _deterministic_model():
+    config = digit_config(d=32, enc_blocks=2, dec_blocks=1)
+    for section in ("encoder_conf", "decoder_conf"):
+        for k in list(config[section]):
+            if k.endswith("dropout_rate"):
+                config[section][k] = 0.0
+    config["model_conf"]["sampling_ratio"] = 0.0  # the glancing sampler draws random positions
+    torch.manual_seed(0)
+    return build_paraformer(config, 14, 560).train()
+
+
+def _batch(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(20, 60, (n,), generator=g)
+    tokens = torch.randint(1, 6, (n,), generator=g)
+    speech = torch.randn(n, int(lengths.max()), 560, generator=g)
+    text = torch.full((n, int(tokens.max())), -1)
+    for i in range(n):
+        speech[i, lengths[i]:] = 0
+        text[i, :tokens[i]] = torch.randint(4, 14, (int(tokens[i]),), generator=g)
+    return {"speech": speech, "speech_lengths": lengths, "text": text, "text_lengths": tokens,
+            "keys": [f"u{i}" for i in range(n)]}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("oom_steps", [[1], [1, 2]], ids=["forward", "forward-then-backward"])
+def test_split_step_has_the_unsplit_gradient(oom_steps):
+    model = _deterministic_model()
+    weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
+    batch = _batch()
+    reference = copy.deepcopy(model)
+    opt = make_optimizer(reference)
+    run_step(reference, opt, [Micro(batch, 1.0)], weight_of)
+    expected = _grads(reference)
+
+    opt = make_optimizer(model)
+    inject = InjectOOM(model, oom_steps)
+    seen = []
+    for step in oom_steps:
+        opt.zero_grad(set_to_none=True)
+        inject.arm(step)
+        result = run_step(model, opt, [Micro(batch, 1.0)], weight_of, on_oom=lambda e, n: seen.append(str(e)))
+        assert result.splits == 1 and sorted(result.trained) == sorted(batch["keys"]) and not result.quarantined
+        got = _grads(model)
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=1e-5), name
+    assert "in forward" in seen[0] and (len(seen) < 2 or "in backward" in seen[1])
+    assert all(isinstance(e, str) and "injected out of memory" in e for e in seen)
+
+
+def test_one_utterance_that_never_fits_is_quarantined():
+    model = _deterministic_model()
+    weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
+    batch = _batch(4)
+    too_long = batch["speech_lengths"].argmax().item()
+
+    def oom_on_long(module, args):
+        if args[0].shape[1] >= int(batch["speech_lengths"][too_long]):
+            raise torch.OutOfMemoryError("too long for this card")
+    model.encoder.register_forward_pre_hook(oom_on_long)
+    result = run_step(model, make_optimizer(model), [Micro(batch, 1.0)], weight_of)
+    assert result.quarantined == [f"u{too_long}"]
+    assert sorted(result.trained + result.quarantined) == sorted(batch["keys"])
+
+
+def test_take_trims_padding():
+    batch = _batch(4)
+    half = take(batch, slice(0, 2))
+    assert half["speech"].shape[1] == int(batch["speech_lengths"][:2].max())
+    assert half["text"].shape[1] == int(batch["text_lengths"][:2].max())
+    assert half["keys"] == ["u0", "u1"]
