@@ -214,6 +214,7 @@ def finetune(args) -> int:
     if excluded:
         log(f"{len(excluded)} utterances do not fit even alone and are excluded (see the ledger)")
     t_start, tokens_done = time.time(), 0
+    progress = _progress()
     while epoch < max_epoch:
         sampler.set_epoch(epoch)
         sampler.position = position
@@ -222,6 +223,7 @@ def finetune(args) -> int:
         if position == 0:
             ledger.write(epoch, step, excluded, "excluded", "does not fit the budget even alone")
         loader = make_loader(dataset, sampler, workers=int(dc["num_workers"]))
+        bar = progress.add_task(f"epoch {epoch}", total=n_batches, completed=position, info="") if progress else None
         group, group_shapes = [], []
         for batch in loader:
             position += 1
@@ -262,6 +264,12 @@ def finetune(args) -> int:
                     f"lr {scheduler.get_last_lr()[0]:.2e} {tokens_done / max(elapsed, 1e-9):.0f} tokens/s "
                     f"memory peak {gib(monitor.samples[-1].peak)} at step {monitor.samples[-1].step} (predicted "
                     f"{gib(predicted)}, budget {gib(budget)})")
+            if bar is not None:
+                last = monitor.samples[-1] if monitor.samples else None
+                progress.update(bar, completed=position, info=(
+                    f"loss {float(result.stats[-1]['loss']) if result.stats else float('nan'):.3f}  "
+                    f"{tokens_done / max(time.time() - t_start, 1e-9):.0f} tok/s  memory "
+                    + (f"{gib(last.allocated)} now / {gib(last.peak)} peak / {gib(budget)}" if last else "")))
             group, group_shapes = [], []
             if int(tc["save_checkpoint_interval"]) and step % int(tc["save_checkpoint_interval"]) == 0:
                 save_state()
@@ -277,6 +285,8 @@ def finetune(args) -> int:
                 Path(drop).unlink(missing_ok=True)
             best = best[:int(tc["keep_nbest_models"])]
         save_state()
+    if progress:
+        progress.stop()
     monitor.close()
     ledger.close()
 
@@ -294,6 +304,19 @@ def finetune(args) -> int:
     log(f"wrote {out / 'final'} (loads in funasr.AutoModel), {out / 'memory.csv'}, {out / 'memory.png'}, "
         f"{out / 'ledger.jsonl'}; {time.time() - t_start:.0f} s")
     return 0
+
+
+def _progress():
+    """A rich progress bar (ETA, tokens/s, memory now / peak / budget, loss) when stderr is a terminal;
+    log lines every log_interval steps otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+    progress.start()
+    return progress
 
 
 class _null:

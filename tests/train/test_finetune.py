@@ -1,0 +1,116 @@
+"""`paratune finetune` end to end on real digits: injected OOMs, the ledger, resume, FunASR export."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from paratune.cli import main
+from paratune.train.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE_MODEL = ROOT / "examples" / "fsdd" / "model"
+
+
+@pytest.fixture(scope="module")
+def digits(shared_data, tmp_path_factory):
+    """200 FSDD recordings prepared by `paratune prepare` (train) and 40 of another speaker (valid)."""
+    tmp = tmp_path_factory.mktemp("fsdd")
+    out = {}
+    for split, speakers, n in (("train", ("george", "jackson"), 100), ("valid", ("lucas",), 40)):
+        folder = tmp / split
+        folder.mkdir()
+        files = [p for p in sorted((shared_data / "fsdd").glob("*.wav")) if p.stem.split("_")[1] in speakers]
+        files = files[:: max(1, len(files) // n)][:n]
+        for p in files:
+            (folder / p.name).symlink_to(p)
+        tsv = tmp / f"{split}.tsv"
+        tsv.write_text("".join(f"{p.name}\t{p.stem.split('_')[0]}\n" for p in files))
+        assert main(["prepare", str(folder), "--transcripts", str(tsv), "--model", str(RECIPE_MODEL),
+                     "--output", str(tmp / f"{split}_data")]) == 0
+        out[split] = tmp / f"{split}_data" / "data.jsonl"
+    return out
+
+
+def _ledger(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_100_injected_ooms_lose_no_sample(digits, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    exp = tmp_path / "exp"
+    keys = [json.loads(x)["key"] for x in digits["train"].read_text().splitlines()]
+    code = main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
+                 "--valid", str(digits["valid"]), "--output", str(exp), "--budget", "1GiB",
+                 "--inject-oom", ",".join(str(s) for s in range(1, 101)),
+                 "++train_conf.max_epoch=4", "++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0",
+                 "++train_conf.log_interval=1000"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert err.count("injected out of memory") == 100
+    ledger = _ledger(exp / "ledger.jsonl")
+    for epoch in range(4):
+        rows = [r for r in ledger if r["epoch"] == epoch]
+        assert sorted(r["key"] for r in rows) == sorted(keys)  # every utterance exactly once per epoch
+        assert {r["status"] for r in rows} == {"trained"}
+    assert max(r["step"] for r in ledger) == 100  # 25 batches of 8 per epoch: every step had an OOM
+    csv_rows = (exp / "memory.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("step,epoch,batch,frames,tokens,predicted,peak")
+    assert (exp / "memory.png").exists() and (exp / "final" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_where_the_checkpoint_was(digits, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]), "--budget", "1GiB",
+              "++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0", "++train_conf.log_interval=1000",
+              "++train_conf.save_checkpoint_interval=10"]
+    full = tmp_path / "full"
+    assert main(["finetune", *common, "--output", str(full), "++train_conf.max_epoch=2"]) == 0
+    part = tmp_path / "part"
+    # the same run stopped after its first epoch (as a crash would leave it), then resumed for the second
+    assert main(["finetune", *common, "--output", str(part), "++train_conf.max_epoch=1"]) == 0
+    assert main(["finetune", *common, "--output", str(part), "++train_conf.max_epoch=2", "--resume"]) == 0
+    import torch
+    a = torch.load(full / "final" / "model.pt", weights_only=True)
+    b = torch.load(part / "final" / "model.pt", weights_only=True)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert _ledger(full / "ledger.jsonl") == _ledger(part / "ledger.jsonl")
+    capsys.readouterr()
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_final_directory_loads_in_funasr(digits, tmp_path, capsys, monkeypatch, funasr):
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    exp = tmp_path / "exp"
+    assert main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
+                 "--output", str(exp), "--budget", "1GiB", "++train_conf.max_epoch=2", "++dataset_conf.max_batch=8",
+                 "++dataset_conf.num_workers=0"]) == 0
+    from funasr import AutoModel
+
+    from paratune.modeldir import load_model
+    rows = [json.loads(x) for x in digits["valid"].read_text().splitlines()][:8]
+    ours = load_model(exp / "final").transcribe_files([r["source"] for r in rows])
+    capsys.readouterr()
+    ref = AutoModel(model=str(exp / "final"), disable_update=True, device="cpu")
+    theirs = [ref.generate(input=r["source"])[0]["text"] for r in rows]
+    capsys.readouterr()
+    assert [t.replace(" ", "") for t in theirs] == [o.replace(" ", "") for o in ours]
+
+
+def test_overrides_follow_funasr(tmp_path):
+    config = load_config({"train_conf": {"max_epoch": 50}}, None, ["++train_conf.max_epoch=1",
+                                                                    "++optim_conf.lr=0.001"])
+    assert config["train_conf"]["max_epoch"] == 1 and config["optim_conf"]["lr"] == 0.001
+    with pytest.raises(ConfigError, match="unknown key 'max_epochs'"):
+        load_config({}, None, ["++train_conf.max_epochs=1"])
+    with pytest.raises(ConfigError, match="expected \\+\\+section.key=value"):
+        load_config({}, None, ["train_conf.max_epoch=1"])
+    bad = tmp_path / "c.yaml"
+    bad.write_text("trian_conf: {max_epoch: 1}\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config({}, bad, [])
