@@ -300,6 +300,9 @@ def finetune(args) -> int:
     for layer in list(model.encoder.blocks()) + list(model.decoder.blocks()):
         layer.checkpoint = False
     config_out = dict(asr.config)
+    # FunASR's frontend dithers unless told not to, at inference too: the exported model decodes the
+    # same every time, and as paratune decodes it
+    config_out["frontend_conf"] = {**(config_out.get("frontend_conf") or {}), "dither": 0.0}
     save_model(ASRModel(model, asr.frontend.cpu(), asr.tokenizer, config_out, asr.path, asr.files), out / "final")
     log(f"wrote {out / 'final'} (loads in funasr.AutoModel), {out / 'memory.csv'}, {out / 'memory.png'}, "
         f"{out / 'ledger.jsonl'}; {time.time() - t_start:.0f} s")

@@ -46,7 +46,7 @@ def test_100_injected_ooms_lose_no_sample(digits, tmp_path, capsys, monkeypatch)
     code = main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
                  "--valid", str(digits["valid"]), "--output", str(exp), "--budget", "1GiB",
                  "--inject-oom", ",".join(str(s) for s in range(1, 101)),
-                 "++train_conf.max_epoch=4", "++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0",
+                 "++train_conf.max_epoch=4", "++dataset_conf.max_batch=4", "++dataset_conf.num_workers=0",
                  "++train_conf.log_interval=1000"])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
@@ -56,7 +56,8 @@ def test_100_injected_ooms_lose_no_sample(digits, tmp_path, capsys, monkeypatch)
         rows = [r for r in ledger if r["epoch"] == epoch]
         assert sorted(r["key"] for r in rows) == sorted(keys)  # every utterance exactly once per epoch
         assert {r["status"] for r in rows} == {"trained"}
-    assert max(r["step"] for r in ledger) == 100  # 25 batches of 8 per epoch: every step had an OOM
+    assert max(r["step"] for r in ledger) == 100  # 25 batches of 4 per epoch: every step had an OOM
+    assert err.count("in forward (--inject-oom)") == err.count("in backward (--inject-oom)") == 50
     csv_rows = (exp / "memory.csv").read_text().splitlines()
     assert csv_rows[0].startswith("step,epoch,batch,frames,tokens,predicted,peak")
     assert (exp / "memory.png").exists() and (exp / "final" / "model.pt").exists()
@@ -65,15 +66,15 @@ def test_100_injected_ooms_lose_no_sample(digits, tmp_path, capsys, monkeypatch)
 @pytest.mark.slow
 def test_resume_continues_where_the_checkpoint_was(digits, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
-    common = ["--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]), "--budget", "1GiB",
-              "++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0", "++train_conf.log_interval=1000",
-              "++train_conf.save_checkpoint_interval=10"]
+    common = ["--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]), "--budget", "1GiB"]
+    settings = ["++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0", "++train_conf.log_interval=1000",
+                "++train_conf.save_checkpoint_interval=10"]
     full = tmp_path / "full"
-    assert main(["finetune", *common, "--output", str(full), "++train_conf.max_epoch=2"]) == 0
+    assert main(["finetune", *common, "--output", str(full), *settings, "++train_conf.max_epoch=2"]) == 0
     part = tmp_path / "part"
     # the same run stopped after its first epoch (as a crash would leave it), then resumed for the second
-    assert main(["finetune", *common, "--output", str(part), "++train_conf.max_epoch=1"]) == 0
-    assert main(["finetune", *common, "--output", str(part), "++train_conf.max_epoch=2", "--resume"]) == 0
+    assert main(["finetune", *common, "--output", str(part), *settings, "++train_conf.max_epoch=1"]) == 0
+    assert main(["finetune", *common, "--output", str(part), "--resume", *settings, "++train_conf.max_epoch=2"]) == 0
     import torch
     a = torch.load(full / "final" / "model.pt", weights_only=True)
     b = torch.load(part / "final" / "model.pt", weights_only=True)
