@@ -115,3 +115,37 @@ def test_overrides_follow_funasr(tmp_path):
     bad.write_text("trian_conf: {max_epoch: 1}\n")
     with pytest.raises(ConfigError, match="unknown section"):
         load_config({}, bad, [])
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch(digits, tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    args = ["--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]), "--budget", "1GiB",
+            "++dataset_conf.max_batch=8", "++dataset_conf.num_workers=1", "++train_conf.log_interval=1000",
+            "++train_conf.save_checkpoint_interval=5", "++train_conf.max_epoch=3"]
+    env = {**os.environ, "PARATUNE_CACHE": str(tmp_path / "cache")}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run([sys.executable, "-m", "paratune", "finetune", "--output", str(full), *args], env=env, check=True,
+                   cwd=ROOT, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "paratune", "finetune", "--output", str(killed), *args], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["sampler"]["position"] < 13  # killed in the middle of epoch 0
+    subprocess.run([sys.executable, "-m", "paratune", "finetune", "--output", str(killed), "--resume", *args],
+                   env=env, check=True, cwd=ROOT, capture_output=True)
+    a = torch.load(full / "final" / "model.pt", weights_only=True)
+    b = torch.load(killed / "final" / "model.pt", weights_only=True)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert _ledger(full / "ledger.jsonl") == _ledger(killed / "ledger.jsonl")
