@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from paratune.data.loader import FeatureDataset, make_loader, model_inputs
 from paratune.data.manifest import read_lengths
@@ -41,8 +42,11 @@ from paratune.train.schedule import WarmupLR
 from paratune.train.step import make_optimizer, optimizer_step
 
 
+_PREFIX = ""
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(_PREFIX + msg, file=sys.stderr, flush=True)
 
 
 def read_rows(paths) -> list[dict]:
@@ -100,7 +104,58 @@ def validate(asr: ASRModel, rows, lengths, device, batch_frames: int = 20000) ->
             "wer": error_rate(hyps, refs, "word"), "utterances": len(refs)}
 
 
+def _distributed(device_arg):
+    """torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: join the group (nccl on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return 1, 0, torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return world, dist.get_rank(), device
+
+
+BUCKET = 25 * 2**20
+
+
+def all_reduce_gradients(model, world: int, bucket_bytes: int = BUCKET) -> None:
+    """The mean of the ranks' gradients, after all of a step's micro-batches (none of which talked to
+    the other ranks: an OOM on one rank must not leave the others waiting inside a backward). Reduced
+    in buckets of at most 25 MiB, so the step needs no second copy of the gradients."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    i = 0
+    while i < len(grads):
+        j, size = i, 0
+        while j < len(grads) and (j == i or size + grads[j].numel() * grads[j].element_size() <= bucket_bytes):
+            size += grads[j].numel() * grads[j].element_size()
+            j += 1
+        group = grads[i:j]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        i = j
+
+
+def gather_keys(keys: list[str], world: int) -> list[str]:
+    if world < 2:
+        return keys
+    parts = [None] * world
+    dist.all_gather_object(parts, keys)
+    return [k for part in parts for k in part]
+
+
 def finetune(args) -> int:
+    global _PREFIX
+    world, rank, device = _distributed(args.device)
+    lead = rank == 0
+    _PREFIX = f"[rank {rank}] " if world > 1 else ""
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     spec = read_model_dir(args.model)
@@ -114,7 +169,6 @@ def finetune(args) -> int:
     seed = int(tc["seed"])
     random.seed(seed)
     torch.manual_seed(seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
@@ -147,10 +201,18 @@ def finetune(args) -> int:
                           grad_clip=tc["grad_clip"], device="cuda" if device.type == "cuda" else "cpu")
     t_max, u_max = int(train_len.frames.max()), int(train_len.tokens.max())
 
+    def reduce_bucket(m) -> int:
+        return min(BUCKET, m.resident["gradients"]) if world > 1 else 0
+
     def limit_for(opts):
+        if world > 1 and not lead:
+            dist.barrier()  # rank 0 fits (or finds the cached fit); the others then read its cache
         m, cached = load_or_fit(spec.config, spec.vocab_size, spec.input_size, opts, t_max, u_max, holdout=0,
                                 log=log)
-        return Limit(m, budget, options.device, mc["margin"])
+        if world > 1 and lead:
+            dist.barrier()
+        # the gradient all-reduce's bucket (ranks > 1) comes on top of the step the model predicts
+        return Limit(m, budget - reduce_bucket(m), options.device, mc["margin"])
 
     limit = limit_for(options)
     need_ckpt = mc["checkpointing"] == "on" or (
@@ -164,10 +226,14 @@ def finetune(args) -> int:
     if limit.model.static_step * limit.scale > budget:
         raise ModelDirError(f"the budget {gib(budget)} is below the static memory {gib(limit.model.static_step)}")
     model.to(device).train()
+    if world > 1:
+        for t in model.state_dict().values():  # every rank starts from rank 0's weights
+            dist.broadcast(t, 0)
     buckets = bucket_boundaries(t_max, dc["buckets"]) if dc["buckets"] else None
     sampler = MemoryBoundedSampler(train_len.frames, train_len.tokens, limit, seed=seed,
                                    buffer_size=dc["buffer_size"], buckets=buckets,
-                                   costliest_first=dc["costliest_first"], max_batch=dc["max_batch"])
+                                   costliest_first=dc["costliest_first"], max_batch=dc["max_batch"],
+                                   world_size=world, rank=rank)
     optimizer = make_optimizer(model, lr=float(config["optim_conf"]["lr"]),
                                weight_decay=float(config["optim_conf"]["weight_decay"]))
     scheduler = WarmupLR(optimizer, int(config["scheduler_conf"]["warmup_steps"]))
@@ -193,12 +259,17 @@ def finetune(args) -> int:
         checkpoint.set_rng_state(state["rng"])
         gen.set_state(state["specaug_rng"])
         step, epoch, position, best = state["step"], state["epoch"], state["sampler"]["position"], state["best"]
-        Ledger.truncate_after(out / "ledger.jsonl", epoch, step)
+        if lead:
+            Ledger.truncate_after(out / "ledger.jsonl", epoch, step)
         log(f"resumed from {state_path}: epoch {epoch}, step {step}, batch {position} of the epoch")
-    ledger = Ledger(out / "ledger.jsonl")
-    monitor = MemoryMonitor(out, budget, device, log=log)
+    if world > 1:
+        dist.barrier()  # the ledger is truncated before anyone appends
+    ledger = Ledger(out / "ledger.jsonl") if lead else None
+    monitor = MemoryMonitor(out if lead else out / f"rank{rank}", budget, device, log=log, tensorboard=lead)
 
     def save_state():
+        if not lead:
+            return
         checkpoint.save(state_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -214,13 +285,13 @@ def finetune(args) -> int:
     if excluded:
         log(f"{len(excluded)} utterances do not fit even alone and are excluded (see the ledger)")
     t_start, tokens_done = time.time(), 0
-    progress = _progress()
+    progress = _progress() if lead else None
     while epoch < max_epoch:
         sampler.set_epoch(epoch)
         sampler.position = position
         n_batches = len(sampler.batches(epoch))
         dataset.epoch = epoch
-        if position == 0:
+        if position == 0 and lead:
             ledger.write(epoch, step, excluded, "excluded", "does not fit the budget even alone")
         loader = make_loader(dataset, sampler, workers=int(dc["num_workers"]))
         bar = progress.add_task(f"epoch {epoch}", total=n_batches, completed=position, info="") if progress else None
@@ -244,20 +315,25 @@ def finetune(args) -> int:
             with tracker if tracker is not None else _null():
                 result = run_step(model, optimizer, group, weight_of, autocast_dtype, scaler,
                                   on_oom=lambda e, n: log(f"step {step}: {e}; splitting {n} utterances"))
+                if world > 1:
+                    all_reduce_gradients(model, world)
                 optimizer_step(model, optimizer, tc["grad_clip"], scaler)
             scheduler.step()
             b, t, u = max(group_shapes, key=lambda s: s[0] * s[1])
-            predicted = int(limit.model.peak(b, t, u))
+            predicted = int(limit.model.peak(b, t, u)) + reduce_bucket(limit.model)
             if track:
                 monitor.end_step(step, epoch, (b, t, u), predicted, tracker.peak if tracker else None,
                                  tracker.current if tracker else None)
-            ledger.write(epoch, step, result.trained, "trained")
+            trained, quarantined = gather_keys(result.trained, world), gather_keys(result.quarantined, world)
+            if lead:
+                ledger.write(epoch, step, trained, "trained")
+                if quarantined:
+                    ledger.write(epoch, step, quarantined, "quarantined", "out of memory even alone")
+                ledger.flush()
             if result.quarantined:
-                ledger.write(epoch, step, result.quarantined, "quarantined", "out of memory even alone")
                 log(f"step {step}: quarantined {', '.join(result.quarantined)} (out of memory even alone)")
-            ledger.flush()
             tokens_done += sum(int(m.batch["text_lengths"].sum()) for m in group)
-            if step % int(tc["log_interval"]) == 0 or position == n_batches:
+            if lead and (step % int(tc["log_interval"]) == 0 or position == n_batches):
                 losses = [float(s["loss"]) for s in result.stats]
                 elapsed = time.time() - t_start
                 log(f"epoch {epoch} step {step} batch {position}/{n_batches} loss {np.mean(losses):.3f} "
@@ -274,7 +350,7 @@ def finetune(args) -> int:
             if int(tc["save_checkpoint_interval"]) and step % int(tc["save_checkpoint_interval"]) == 0:
                 save_state()
         epoch, position = epoch + 1, 0
-        if valid is not None:
+        if valid is not None and lead:
             result = validate(asr, valid[0], valid[1], device)
             log(f"epoch {epoch - 1} validation: loss {result['loss']:.3f}, CER {100 * result['cer']:.2f} %, "
                 f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances")
@@ -288,6 +364,11 @@ def finetune(args) -> int:
     if progress:
         progress.stop()
     monitor.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if not lead:
+        return 0
     ledger.close()
 
     # -- the final model: average of the n best (by validation CER), or the last weights

@@ -105,7 +105,8 @@ class MemoryMonitor:
 
     def _detect(self, s: Sample) -> None:
         recent = self.samples[-self.window:]
-        if s.predicted and s.peak > 1.10 * s.predicted:
+        if s.predicted and s.peak > 1.10 * s.predicted and s.step >= getattr(self, "_quiet_until", 0):
+            self._quiet_until = s.step + 100  # one line per hundred steps, not one per batch
             self._say("outlier_batch", f"step {s.step} (B={s.batch}, T={s.frames}, U={s.tokens}) peaked at "
                                        f"{s.peak / 2**30:.2f} GiB, {100 * (s.peak / s.predicted - 1):.0f} % over the "
                                        f"predicted {s.predicted / 2**30:.2f} GiB: recalibrate (paratune plan --calibrate)"

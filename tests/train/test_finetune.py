@@ -149,3 +149,26 @@ def test_resume_after_sigkill_mid_epoch(digits, tmp_path, monkeypatch):
     b = torch.load(killed / "final" / "model.pt", weights_only=True)
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     assert _ledger(full / "ledger.jsonl") == _ledger(killed / "ledger.jsonl")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_split_the_epoch_and_ooms_in_lockstep(digits, tmp_path):
+    import os
+    import subprocess
+    import sys
+    exp = tmp_path / "exp"
+    env = {**os.environ, "PARATUNE_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "paratune",
+                          "finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
+                          "--output", str(exp), "--budget", "1GiB", "--inject-oom", "2,3,9",
+                          "++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0", "++train_conf.max_epoch=2"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = sorted(json.loads(x)["key"] for x in digits["train"].read_text().splitlines())
+    ledger = _ledger(exp / "ledger.jsonl")
+    for epoch in range(2):
+        assert sorted(r["key"] for r in ledger if r["epoch"] == epoch) == keys
+    for rank in (0, 1):  # both ranks split at each injected step
+        assert out.stderr.count(f"[rank {rank}] step 2: injected out of memory") == 1
+        assert out.stderr.count(f"[rank {rank}] step 9: injected out of memory") == 1
+    assert (exp / "final" / "model.pt").exists() and (exp / "rank1" / "memory.csv").exists()
