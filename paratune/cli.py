@@ -252,6 +252,10 @@ def _finetune(args) -> int:
     try:
         args.budget = parse_bytes(args.budget) if args.budget else None
         args.inject_oom = [int(x) for x in args.inject_oom.split(",") if x.strip()] if args.inject_oom else []
+        for name in ("train", "valid"):  # `--valid dev.jsonl ++a.b=c`: the override is no manifest
+            paths = getattr(args, name) or []
+            args.overrides += [str(p) for p in paths if str(p).startswith("++")]
+            setattr(args, name, [p for p in paths if not str(p).startswith("++")] or None)
         bad = [o for o in args.overrides if not o.startswith("++")]
         if bad:
             raise ConfigError(f"unrecognized argument(s) {' '.join(bad)} (overrides look like ++train_conf.max_epoch=1)")
@@ -371,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--from-scratch", action="store_true", help="random weights (the directory needs no model.pt)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+                                                       "state over the ranks (FSDP2 fully_shard per block)")
     p.add_argument("--inject-oom", metavar="STEP[,STEP...]",
                    help="raise a real torch.OutOfMemoryError at these steps (testing the recovery)")
     p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")

@@ -12,7 +12,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from paratune.data.audio import load_audio
+from paratune.data.audio import load_audio, resample
 from paratune.data.frontend import WavFrontend
 from paratune.data.tokenizer import CharTokenizer
 
@@ -23,9 +23,11 @@ class FeatureDataset(Dataset):
     """rows: dicts with "key", "source" and (for training) "target", e.g. `paratune prepare`'s data.jsonl."""
 
     def __init__(self, rows: list[dict], frontend: WavFrontend, tokenizer: CharTokenizer, train: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, speed_perturb=None, gain_db: float = 0.0):
         self.rows, self.frontend, self.tokenizer, self.train = rows, frontend, tokenizer, train
         self.seed, self.epoch = seed, 0  # the dither noise depends on (seed, epoch, utterance) only
+        # training-time waveform augmentation: speed (resampling, as FunASR's speed_perturb) and gain
+        self.speed_perturb, self.gain_db = list(speed_perturb or []), float(gain_db or 0.0)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -37,6 +39,12 @@ class FeatureDataset(Dataset):
         # seeded per utterance, not by worker: the same features whichever worker reads it, after a resume too
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            if self.train and self.speed_perturb:
+                speed = self.speed_perturb[int(torch.randint(len(self.speed_perturb), (1,)))]
+                if speed != 1.0:  # played `speed` times faster: fewer samples at the same rate
+                    wave = resample(wave, int(round(self.frontend.fs * speed)), self.frontend.fs)
+            if self.train and self.gain_db:
+                wave = wave * float(10 ** ((torch.rand(1).item() * 2 - 1) * self.gain_db / 20))
             feats = self.frontend.features(wave)
         text = torch.tensor(self.tokenizer.encode(row.get("target") or ""), dtype=torch.long)
         return {"key": row["key"], "index": i, "speech": feats, "text": text}

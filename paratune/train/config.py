@@ -14,7 +14,7 @@ DEFAULTS = {
     "optim_conf": {"lr": 0.0002, "weight_decay": 0.0},
     "scheduler_conf": {"warmup_steps": 1000},
     "dataset_conf": {"buffer_size": 20000, "buckets": None, "num_workers": 2, "costliest_first": True,
-                     "specaug": True, "max_batch": None},
+                     "specaug": True, "max_batch": None, "speed_perturb": None, "gain_db": 0.0},
     "memory": {"precision": "fp32", "checkpointing": "auto", "margin": None, "cpu_track_every": 10},
     "freeze": [],
 }

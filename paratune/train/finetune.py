@@ -143,6 +143,30 @@ def all_reduce_gradients(model, world: int, bucket_bytes: int = BUCKET) -> None:
         i = j
 
 
+def full_state(model, optimizer, fsdp: bool):
+    """Whole (unsharded) model and optimizer state dicts, on the CPU."""
+    if not fsdp:
+        return model.state_dict(), (optimizer.state_dict() if optimizer is not None else None)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return model_state, optim_state
+
+
+def set_full_state(model, optimizer, model_state, optim_state, fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+
+
 def gather_keys(keys: list[str], world: int) -> list[str]:
     if world < 2:
         return keys
@@ -202,7 +226,7 @@ def finetune(args) -> int:
     t_max, u_max = int(train_len.frames.max()), int(train_len.tokens.max())
 
     def reduce_bucket(m) -> int:
-        return min(BUCKET, m.resident["gradients"]) if world > 1 else 0
+        return min(BUCKET, m.resident["gradients"]) if world > 1 and not getattr(args, "fsdp", False) else 0
 
     def limit_for(opts):
         if world > 1 and not lead:
@@ -211,6 +235,11 @@ def finetune(args) -> int:
                                 log=log)
         if world > 1 and lead:
             dist.barrier()
+        if getattr(args, "fsdp", False):  # per-rank: sharded parameters, gradients, optimizer state
+            from paratune.memory.shard import shard_model
+            with torch.device("meta"):
+                m = shard_model(m, spec.build(), world)
+            return Limit(m, budget, options.device, mc["margin"])
         # the gradient all-reduce's bucket (ranks > 1) comes on top of the step the model predicts
         return Limit(m, budget - reduce_bucket(m), options.device, mc["margin"])
 
@@ -229,6 +258,15 @@ def finetune(args) -> int:
     if world > 1:
         for t in model.state_dict().values():  # every rank starts from rank 0's weights
             dist.broadcast(t, 0)
+    fsdp = bool(getattr(args, "fsdp", False))
+    if fsdp:
+        if world < 2:
+            raise ModelDirError("--fsdp shards over ranks: run under torchrun with --nproc-per-node 2 or more")
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        for layer in list(model.encoder.blocks()) + list(model.decoder.blocks()):
+            fully_shard(layer)
+        fully_shard(model)
+        register_fsdp_forward_method(model, "decode")  # validation decodes: gather the root's weights too
     buckets = bucket_boundaries(t_max, dc["buckets"]) if dc["buckets"] else None
     sampler = MemoryBoundedSampler(train_len.frames, train_len.tokens, limit, seed=seed,
                                    buffer_size=dc["buffer_size"], buckets=buckets,
@@ -250,8 +288,7 @@ def finetune(args) -> int:
     gen = torch.Generator().manual_seed(seed)
     if args.resume and state_path.exists():
         state = checkpoint.load(state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        set_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -268,17 +305,19 @@ def finetune(args) -> int:
     monitor = MemoryMonitor(out if lead else out / f"rank{rank}", budget, device, log=log, tensorboard=lead)
 
     def save_state():
+        model_state, optim_state = full_state(model, optimizer, fsdp)  # a collective under FSDP
         if not lead:
             return
         checkpoint.save(state_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "sampler": {**sampler.state_dict(), "epoch": epoch, "position": position},
             "rng": checkpoint.rng_state(), "specaug_rng": gen.get_state(), "step": step, "epoch": epoch,
             "best": best})
 
     weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
-    dataset = FeatureDataset(train_rows, asr.frontend, asr.tokenizer, train=True, seed=seed)
+    dataset = FeatureDataset(train_rows, asr.frontend, asr.tokenizer, train=True, seed=seed,
+                             speed_perturb=dc["speed_perturb"], gain_db=dc["gain_db"])
     accum = max(1, int(tc["accum_grad"]))
     max_epoch = int(tc["max_epoch"])
     excluded = [train_rows[i]["key"] for i in sampler.excluded(0)]
@@ -315,7 +354,7 @@ def finetune(args) -> int:
             with tracker if tracker is not None else _null():
                 result = run_step(model, optimizer, group, weight_of, autocast_dtype, scaler,
                                   on_oom=lambda e, n: log(f"step {step}: {e}; splitting {n} utterances"))
-                if world > 1:
+                if world > 1 and not fsdp:  # FSDP reduce-scatters the gradients in backward
                     all_reduce_gradients(model, world)
                 optimizer_step(model, optimizer, tc["grad_clip"], scaler)
             scheduler.step()
@@ -350,12 +389,14 @@ def finetune(args) -> int:
             if int(tc["save_checkpoint_interval"]) and step % int(tc["save_checkpoint_interval"]) == 0:
                 save_state()
         epoch, position = epoch + 1, 0
-        if valid is not None and lead:
+        if valid is not None and (lead or fsdp):  # under FSDP every rank takes part in every forward
             result = validate(asr, valid[0], valid[1], device)
+            weights = full_state(model, None, fsdp)[0]  # a collective under FSDP: every rank
+        if valid is not None and lead:
             log(f"epoch {epoch - 1} validation: loss {result['loss']:.3f}, CER {100 * result['cer']:.2f} %, "
                 f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances")
             path = out / f"model.ep{epoch - 1}.pt"
-            checkpoint.save(path, model.state_dict())
+            checkpoint.save(path, weights)
             best = sorted(best + [[result["cer"], str(path)]], key=lambda x: x[0])
             for _, drop in best[int(tc["keep_nbest_models"]):]:
                 Path(drop).unlink(missing_ok=True)
@@ -364,6 +405,7 @@ def finetune(args) -> int:
     if progress:
         progress.stop()
     monitor.close()
+    final_state = full_state(model, None, fsdp)[0] if fsdp else None
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -372,6 +414,9 @@ def finetune(args) -> int:
     ledger.close()
 
     # -- the final model: average of the n best (by validation CER), or the last weights
+    if fsdp:  # a plain model with the gathered weights, for averaging and export
+        model = spec.build()
+        model.load_state_dict(final_state)
     if best and int(tc["avg_nbest_model"]) > 0:
         chosen = [p for _, p in best[:int(tc["avg_nbest_model"])]]
         model.load_state_dict(checkpoint.average(chosen))

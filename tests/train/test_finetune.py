@@ -152,7 +152,8 @@ def test_resume_after_sigkill_mid_epoch(digits, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_split_the_epoch_and_ooms_in_lockstep(digits, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_ranks_split_the_epoch_and_ooms_in_lockstep(digits, tmp_path, fsdp):
     import os
     import subprocess
     import sys
@@ -161,6 +162,7 @@ def test_torchrun_two_ranks_split_the_epoch_and_ooms_in_lockstep(digits, tmp_pat
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "paratune",
                           "finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
                           "--output", str(exp), "--budget", "1GiB", "--inject-oom", "2,3,9",
+                          *(["--fsdp", "--valid", str(digits["valid"])] if fsdp else []),
                           "++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0", "++train_conf.max_epoch=2"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
