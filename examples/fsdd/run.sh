@@ -28,7 +28,11 @@ for split in train test; do
         --output "$exp/data/$split" >&2 || [ $? -eq 1 ]
 done
 
-$paratune finetune --model "$here/model" --from-scratch --train "$exp/data/train/data.jsonl" \
-    --valid "$exp/data/test/data.jsonl" --output "$exp" --budget 4GiB "$@" >&2
+# every 10th training recording is held out to pick the best epochs: the test folder is only for the WER
+awk 'NR % 10 != 0' "$exp/data/train/data.jsonl" > "$exp/data/train/fit.jsonl"
+awk 'NR % 10 == 0' "$exp/data/train/data.jsonl" > "$exp/data/train/heldout.jsonl"
+
+$paratune finetune --model "$here/model" --from-scratch --train "$exp/data/train/fit.jsonl" \
+    --valid "$exp/data/train/heldout.jsonl" --output "$exp" --budget 1GiB "$@" >&2
 
 $paratune eval --model "$exp/final" --data "$exp/data/test/data.jsonl" | tail -n 1

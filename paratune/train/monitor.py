@@ -153,10 +153,16 @@ class MemoryMonitor:
         ax.plot(steps, [s.allocated / 2**30 for s in self.samples], lw=0.8, label="allocated after step")
         if self.device.type == "cuda":
             ax.plot(steps, [s.reserved / 2**30 for s in self.samples], lw=0.8, label="reserved")
-        ax.axhline(self.budget / 2**30, color="red", ls="--", label="budget")
+        top = max(max(s.peak, s.predicted) for s in self.samples)
+        if self.budget <= 3 * top:
+            ax.axhline(self.budget / 2**30, color="red", ls="--", label="budget")
+            top = max(top, self.budget)
+        else:  # a budget far above every step would flatten the curves: say it instead of drawing it
+            ax.text(0.01, 0.97, f"budget {self.budget / 2**30:.2f} GiB (off the chart)", transform=ax.transAxes,
+                    va="top", color="red", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("GiB")
-        ax.set_ylim(0, max(self.budget, max(s.peak for s in self.samples)) / 2**30 * 1.08)
+        ax.set_ylim(0, top / 2**30 * 1.1)
         ax.legend(loc="lower right", fontsize=8)
         ax.set_title("memory per step" + (" (tensor bytes, CPU)" if self.device.type != "cuda" else ""))
         fig.tight_layout()
