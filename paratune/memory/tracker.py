@@ -32,7 +32,8 @@ def storage_bytes(st: torch.UntypedStorage, cuda: bool) -> int:
 
 class PeakMemory(TorchDispatchMode):
     """Use as a context around one step: `with PeakMemory(model, optimizer) as m: step()`, then
-    `m.peak` (bytes) and `m.at_peak` (bytes by tag when the peak was reached). `cuda_blocks` counts
+    `m.peak` (bytes) and `m.at_peak` (bytes by tag when the peak was reached). The same object can
+    be entered again for a later step. `cuda_blocks` counts
     every tensor as the CUDA allocator would (default: when the tensor is on a CUDA device), so a
     step traced on fake CPU tensors can stand for one on a GPU."""
 
@@ -153,7 +154,11 @@ class PeakMemory(TorchDispatchMode):
         torch.UntypedStorage.resize_ = resize_
 
     def __enter__(self):
+        # re-entrant: tensors tracked in an earlier `with` and still alive stay counted (a leak shows
+        # as `current` rising from one tracked step to the next); the peak starts afresh
         self._track_resident()
+        self.peak = self.current
+        self.at_peak = {k: v for k, v in self.by_tag.items() if v}
         self.stages.clear()
         self._grads = self.by_tag["gradients"]
         self._stage_max = self.current - self._grads

@@ -325,6 +325,8 @@ def finetune(args) -> int:
         log(f"{len(excluded)} utterances do not fit even alone and are excluded (see the ledger)")
     t_start, tokens_done = time.time(), 0
     progress = _progress() if lead else None
+    # one tracker for the run: what an earlier tracked step left alive is still counted (leak detection)
+    cpu_tracker = PeakMemory(model, optimizer) if device.type == "cpu" else None
     while epoch < max_epoch:
         sampler.set_epoch(epoch)
         sampler.position = position
@@ -350,7 +352,7 @@ def finetune(args) -> int:
             monitor.start_step()
             # on CPU the tensor tracker costs a Python call per operator: every few steps only
             track = device.type == "cuda" or step <= 3 or step % int(mc["cpu_track_every"]) == 0
-            tracker = PeakMemory(model, optimizer) if device.type == "cpu" and track else None
+            tracker = cpu_tracker if device.type == "cpu" and track else None
             with tracker if tracker is not None else _null():
                 result = run_step(model, optimizer, group, weight_of, autocast_dtype, scaler,
                                   on_oom=lambda e, n: log(f"step {step}: {e}; splitting {n} utterances"))

@@ -115,7 +115,7 @@ class MemoryMonitor:
             base = np.array([r.allocated for r in recent], dtype=float)
             slope = np.polyfit(np.arange(len(base)), base, 1)[0]
             rise = slope * len(base)
-            if rise > max(0.02 * base[0], 8 * 2**20) and (np.diff(base) >= 0).mean() > 0.8:
+            if rise > max(0.02 * base[0], 2**20) and (np.diff(base) >= 0).mean() > 0.8:
                 self._say("leak", f"memory left allocated after each step rose {rise / 2**20:.0f} MiB over the last "
                                   f"{len(base)} steps (now {base[-1] / 2**30:.2f} GiB): something keeps tensors from "
                                   "earlier steps (a loss kept for logging without .item(), a list of outputs, a hook)")
