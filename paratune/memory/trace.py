@@ -36,6 +36,8 @@ class StepOptions:
     optimizer: str = "adamw"  # adamw | sgd (with momentum)
     ddp: bool = False  # gradients live in DDP's buckets for the whole run
     device: str = "cpu"  # where the step runs: CUDA rounds every tensor to 512 bytes
+    lora_r: int = 0  # LoRA adapters of this rank (0: none) on lora_targets; the base weights are frozen
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -45,9 +47,10 @@ class StepOptions:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose from cpu, cuda")
         object.__setattr__(self, "frozen", tuple(self.frozen))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "frozen": list(self.frozen)}  # as JSON gives it back
+        return {**asdict(self), "frozen": list(self.frozen), "lora_targets": list(self.lora_targets)}
 
 
 def fit_key(config: dict, vocab: int, input_size: int, options: StepOptions) -> str:
@@ -85,6 +88,9 @@ class StepTracer:
         self.mode = FakeTensorMode() if fake else contextlib.nullcontext()
         with self.mode:
             self.model = build_paraformer(config, vocab, input_size).train()
+            if options.lora_r:
+                from paratune.train.lora import DEFAULT_TARGETS, add_lora
+                self.model = add_lora(self.model, options.lora_r, targets=options.lora_targets or DEFAULT_TARGETS)
             for name, p in self.model.named_parameters():
                 if any(name.startswith(prefix) for prefix in options.frozen):
                     p.requires_grad_(False)

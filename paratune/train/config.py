@@ -17,6 +17,7 @@ DEFAULTS = {
                      "specaug": True, "max_batch": None, "speed_perturb": None, "gain_db": 0.0},
     "memory": {"precision": "fp32", "checkpointing": "auto", "margin": None, "cpu_track_every": 10},
     "freeze": [],
+    "lora": {"r": 0, "alpha": 16.0, "dropout": 0.05, "targets": None},  # r > 0: train LoRA adapters only
 }
 
 

@@ -34,6 +34,7 @@ from paratune.model.paraformer import set_checkpointing
 from paratune.modeldir import ASRModel, ModelDirError, load_model, read_model_dir, save_model
 from paratune.train import checkpoint
 from paratune.train.config import load_config
+from paratune.train.lora import DEFAULT_TARGETS, add_lora, merge_lora
 from paratune.train.guard import InjectOOM, Micro, loss_weight, run_step
 from paratune.train.ledger import Ledger
 from paratune.train.metrics import error_rate
@@ -216,13 +217,20 @@ def finetune(args) -> int:
     frozen = tuple(config["freeze"])
     for name, p in model.named_parameters():
         p.requires_grad_(not any(name.startswith(f) for f in frozen))
+    lora = config["lora"]
+    lora_targets = tuple(lora["targets"] or DEFAULT_TARGETS)
+    if int(lora["r"]):
+        model = asr.model = add_lora(model, int(lora["r"]), lora["alpha"], lora["dropout"], lora_targets)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"LoRA rank {lora['r']} on {', '.join(lora_targets)}: {trainable} trainable parameters")
 
     # -- memory plan
     budget = args.budget
     if budget is None:
         budget = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 * 2**30
     options = StepOptions(precision=mc["precision"], checkpointing=False, frozen=frozen,
-                          grad_clip=tc["grad_clip"], device="cuda" if device.type == "cuda" else "cpu")
+                          grad_clip=tc["grad_clip"], device="cuda" if device.type == "cuda" else "cpu",
+                          lora_r=int(lora["r"]), lora_targets=lora_targets if int(lora["r"]) else ())
     t_max, u_max = int(train_len.frames.max()), int(train_len.tokens.max())
 
     def reduce_bucket(m) -> int:
@@ -424,6 +432,7 @@ def finetune(args) -> int:
         model.load_state_dict(checkpoint.average(chosen))
         log(f"final model: average of {len(chosen)} best epochs by validation CER: "
             + ", ".join(Path(p).name for p in chosen))
+    model = merge_lora(model)  # adapters folded into the weights: a plain FunASR model.pt
     model.to("cpu").eval()
     for layer in list(model.encoder.blocks()) + list(model.decoder.blocks()):
         layer.checkpoint = False

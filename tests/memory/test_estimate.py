@@ -111,3 +111,13 @@ def test_unknown_options_are_refused():
 def test_freezing_everything_is_refused(config):
     with pytest.raises(ValueError, match="no parameter to train"):
         StepTracer(config, 100, 560, StepOptions(frozen=("",)))
+
+
+def test_lora_is_traced_like_a_real_step(config):
+    fake = StepTracer(config, 100, 560, StepOptions(lora_r=4))
+    real = StepTracer(config, 100, 560, StepOptions(lora_r=4), fake=False)
+    assert fake.trace(3, 80, 9).peak == real.trace(3, 80, 9).peak
+    full = StepTracer(config, 100, 560).resident()
+    lora = fake.resident()
+    assert lora["gradients"] < full["gradients"] / 5  # only the adapters train
+    assert lora["optimizer_state"] < full["optimizer_state"] / 5 and lora["parameters"] > full["parameters"]

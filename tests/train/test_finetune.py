@@ -174,3 +174,28 @@ def test_torchrun_two_ranks_split_the_epoch_and_ooms_in_lockstep(digits, tmp_pat
         assert out.stderr.count(f"[rank {rank}] step 2: injected out of memory") == 1
         assert out.stderr.count(f"[rank {rank}] step 9: injected out of memory") == 1
     assert (exp / "final" / "model.pt").exists() and (exp / "rank1" / "memory.csv").exists()
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_and_exports_a_plain_model(digits, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from paratune.modeldir import load_model
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    assert main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
+                 "--output", str(base), "--budget", "1GiB", "++train_conf.max_epoch=1", "++dataset_conf.max_batch=8",
+                 "++dataset_conf.num_workers=0"]) == 0
+    exp = tmp_path / "lora"
+    assert main(["finetune", "--model", str(base / "final"), "--train", str(digits["train"]), "--output", str(exp),
+                 "--budget", "1GiB", "++train_conf.max_epoch=1", "++dataset_conf.max_batch=8",
+                 "++dataset_conf.num_workers=0", "++lora.r=4"]) == 0
+    err = capsys.readouterr().err
+    assert "LoRA rank 4" in err
+    before = torch.load(base / "final" / "model.pt", weights_only=True)
+    after = torch.load(exp / "final" / "model.pt", weights_only=True)
+    assert set(before) == set(after)  # the adapters are merged: the same keys as the base model
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("linear_q_k_v.weight", "linear_q.weight", "linear_k_v.weight",
+                                       "linear_out.weight", "w_1.weight", "w_2.weight")) for k in changed)
+    load_model(exp / "final")  # loads as a plain Paraformer directory
