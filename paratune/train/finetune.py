@@ -323,6 +323,24 @@ def finetune(args) -> int:
             "rng": checkpoint.rng_state(), "specaug_rng": gen.get_state(), "step": step, "epoch": epoch,
             "best": best})
 
+    def validate_and_keep(tag: str, best: list) -> list:
+        """Validation loss and CER; the weights kept if among the keep_nbest_models best by CER."""
+        if valid is None:
+            return best
+        if lead or fsdp:  # under FSDP every rank takes part in every forward
+            result = validate(asr, valid[0], valid[1], device)
+            weights = full_state(model, None, fsdp)[0]  # a collective under FSDP: every rank
+        if not lead:
+            return best
+        log(f"{tag} validation: loss {result['loss']:.3f}, CER {100 * result['cer']:.2f} %, "
+            f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances")
+        path = out / f"model.{tag}.pt"
+        checkpoint.save(path, weights)
+        best = sorted(best + [[result["cer"], str(path)]], key=lambda x: x[0])
+        for _, drop in best[int(tc["keep_nbest_models"]):]:
+            Path(drop).unlink(missing_ok=True)
+        return best[:int(tc["keep_nbest_models"])]
+
     weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
     dataset = FeatureDataset(train_rows, asr.frontend, asr.tokenizer, train=True, seed=seed,
                              speed_perturb=dc["speed_perturb"], gain_db=dc["gain_db"])
@@ -396,21 +414,12 @@ def finetune(args) -> int:
                     f"{tokens_done / max(time.time() - t_start, 1e-9):.0f} tok/s  memory "
                     + (f"{gib(last.allocated)} now / {gib(last.peak)} peak / {gib(budget)}" if last else "")))
             group, group_shapes = [], []
+            if int(tc["validate_interval"]) and step % int(tc["validate_interval"]) == 0 and position < n_batches:
+                best = validate_and_keep(f"ep{epoch}.step{step}", best)
             if int(tc["save_checkpoint_interval"]) and step % int(tc["save_checkpoint_interval"]) == 0:
                 save_state()
         epoch, position = epoch + 1, 0
-        if valid is not None and (lead or fsdp):  # under FSDP every rank takes part in every forward
-            result = validate(asr, valid[0], valid[1], device)
-            weights = full_state(model, None, fsdp)[0]  # a collective under FSDP: every rank
-        if valid is not None and lead:
-            log(f"epoch {epoch - 1} validation: loss {result['loss']:.3f}, CER {100 * result['cer']:.2f} %, "
-                f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances")
-            path = out / f"model.ep{epoch - 1}.pt"
-            checkpoint.save(path, weights)
-            best = sorted(best + [[result["cer"], str(path)]], key=lambda x: x[0])
-            for _, drop in best[int(tc["keep_nbest_models"]):]:
-                Path(drop).unlink(missing_ok=True)
-            best = best[:int(tc["keep_nbest_models"])]
+        best = validate_and_keep(f"ep{epoch - 1}", best)
         save_state()
     if progress:
         progress.stop()
