@@ -50,6 +50,8 @@ from paratune.data.audio import load_audio, resample  # noqa: E402
 from paratune.data.frontend import WavFrontend  # noqa: E402
 from paratune.data.tokenizer import CharTokenizer  # noqa: E402
 from paratune.model.paraformer import build_paraformer  # noqa: E402
+from paratune.data.specaug import spec_augment  # noqa: E402
+from paratune.train.metrics import edit_distance  # noqa: E402
 from paratune.train.step import make_optimizer, train_step  # noqa: E402
 
 FS = 16000
@@ -249,24 +251,6 @@ def model_config(d: int, enc_blocks: int, dec_blocks: int, ffn: int) -> dict:
     }
 
 
-def spec_augment(feats: torch.Tensor, gen: torch.Generator, n_mels: int = 80, lfr_m: int = 7,
-                 max_freq: int = 30, max_time: int = 4) -> torch.Tensor:
-    """FunASR's SpecAugLFR on one (T, lfr_m * n_mels) matrix: one band of mel bins masked in every
-    stacked frame, one short run of LFR frames masked (to zero, the CMVN'd mean)."""
-    feats = feats.clone()
-    t = feats.shape[0]
-    view = feats.view(t, lfr_m, n_mels)
-    w = int(torch.randint(0, max_freq + 1, (1,), generator=gen))
-    if w:
-        f0 = int(torch.randint(0, n_mels - w + 1, (1,), generator=gen))
-        view[:, :, f0:f0 + w] = 0.0
-    w = min(int(torch.randint(0, max_time + 1, (1,), generator=gen)), t // 5)
-    if w:
-        t0 = int(torch.randint(0, t - w + 1, (1,), generator=gen))
-        feats[t0:t0 + w] = 0.0
-    return feats
-
-
 def average_states(states) -> dict:
     states = list(states)
     return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
@@ -307,15 +291,7 @@ def decodes_with_margin(asr: ASRModel, wave: np.ndarray, text: str, min_margin: 
 
 
 def cer(hyps: list[str], refs: list[str]) -> float:
-    def dist(a, b):
-        row = list(range(len(b) + 1))
-        for i, ca in enumerate(a, 1):
-            prev, row[0] = row[0], i
-            for j, cb in enumerate(b, 1):
-                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-        return row[-1]
-
-    return sum(dist(h, r) for h, r in zip(hyps, refs)) / max(1, sum(len(r) for r in refs))
+    return sum(edit_distance(h, r) for h, r in zip(hyps, refs)) / max(1, sum(len(r) for r in refs))
 
 
 # --------------------------------------------------------------------------------------------------

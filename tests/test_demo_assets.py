@@ -10,6 +10,7 @@ import pytest
 
 import paratune
 from paratune.data.audio import audio_info
+from paratune.train.metrics import edit_distance
 
 ASSETS = Path(paratune.__file__).resolve().parent / "assets"
 MODEL = ASSETS / "demo_model"
@@ -25,15 +26,6 @@ def _references() -> dict[str, str]:
             key, text = line.split(" ", 1)
             refs[key] = text.strip()
     return refs
-
-
-def _edits(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def test_demo_model_transcribes_bundled_clips(demo_model):
     refs = _references()
     wavs = sorted(DEMO.glob("*.wav"))
     hyps = dict(zip((w.stem for w in wavs), demo_model.transcribe_files(wavs)))
-    errors = sum(_edits(hyps[k], refs[k]) for k in refs)
+    errors = sum(edit_distance(hyps[k], refs[k]) for k in refs)
     cer = errors / sum(len(r) for r in refs.values())
     assert cer <= MAX_CER, f"CER {cer:.2%}: " + "; ".join(f"{k}: {hyps[k]!r} != {refs[k]!r}"
                                                          for k in refs if hyps[k] != refs[k])
