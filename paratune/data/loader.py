@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
+
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
@@ -23,11 +25,14 @@ class FeatureDataset(Dataset):
     """rows: dicts with "key", "source" and (for training) "target", e.g. `paratune prepare`'s data.jsonl."""
 
     def __init__(self, rows: list[dict], frontend: WavFrontend, tokenizer: CharTokenizer, train: bool = True,
-                 seed: int = 0, speed_perturb=None, gain_db: float = 0.0):
+                 seed: int = 0, speed_perturb=None, gain_db: float = 0.0, noise_snr_db=None, tilt: float = 0.0):
         self.rows, self.frontend, self.tokenizer, self.train = rows, frontend, tokenizer, train
         self.seed, self.epoch = seed, 0  # the dither noise depends on (seed, epoch, utterance) only
         # training-time waveform augmentation: speed (resampling, as FunASR's speed_perturb) and gain
         self.speed_perturb, self.gain_db = list(speed_perturb or []), float(gain_db or 0.0)
+        # white noise at a random SNR in [lo, hi] dB, and a random spectral tilt (a first-order filter
+        # 1 - a z^-1, |a| <= tilt): the channel and room differences between speakers' recordings
+        self.noise_snr_db, self.tilt = (list(noise_snr_db) if noise_snr_db else None), float(tilt or 0.0)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -43,6 +48,15 @@ class FeatureDataset(Dataset):
                 speed = self.speed_perturb[int(torch.randint(len(self.speed_perturb), (1,)))]
                 if speed != 1.0:  # played `speed` times faster: fewer samples at the same rate
                     wave = resample(wave, int(round(self.frontend.fs * speed)), self.frontend.fs)
+            if self.train and self.tilt:
+                a = (torch.rand(1).item() * 2 - 1) * self.tilt
+                wave = np.concatenate([wave[:1], wave[1:] - a * wave[:-1]]).astype(np.float32)
+            if self.train and self.noise_snr_db:
+                lo, hi = self.noise_snr_db
+                snr = lo + torch.rand(1).item() * (hi - lo)
+                power = float(np.mean(wave ** 2)) + 1e-12
+                noise = torch.randn(len(wave)).numpy() * np.sqrt(power / 10 ** (snr / 10))
+                wave = (wave + noise).astype(np.float32)
             if self.train and self.gain_db:
                 wave = wave * float(10 ** ((torch.rand(1).item() * 2 - 1) * self.gain_db / 20))
             feats = self.frontend.features(wave)

@@ -14,7 +14,7 @@ DEFAULTS = {
     "optim_conf": {"lr": 0.0002, "weight_decay": 0.0},
     "scheduler_conf": {"warmup_steps": 1000},
     "dataset_conf": {"buffer_size": 20000, "buckets": None, "num_workers": 2, "costliest_first": True,
-                     "specaug": True, "max_batch": None, "speed_perturb": None, "gain_db": 0.0},
+                     "specaug": True, "max_batch": None, "speed_perturb": None, "gain_db": 0.0, "noise_snr_db": None, "tilt": 0.0},
     "memory": {"precision": "fp32", "checkpointing": "auto", "margin": None, "cpu_track_every": 10},
     "freeze": [],
     "lora": {"r": 0, "alpha": 16.0, "dropout": 0.05, "targets": None},  # r > 0: train LoRA adapters only

@@ -343,7 +343,8 @@ def finetune(args) -> int:
 
     weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
     dataset = FeatureDataset(train_rows, asr.frontend, asr.tokenizer, train=True, seed=seed,
-                             speed_perturb=dc["speed_perturb"], gain_db=dc["gain_db"])
+                             speed_perturb=dc["speed_perturb"], gain_db=dc["gain_db"],
+                             noise_snr_db=dc["noise_snr_db"], tilt=dc["tilt"])
     accum = max(1, int(tc["accum_grad"]))
     max_epoch = int(tc["max_epoch"])
     excluded = [train_rows[i]["key"] for i in sampler.excluded(0)]

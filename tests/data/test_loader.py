@@ -37,3 +37,20 @@ def test_workers_compute_the_same_features_padded(tmp_path, zh_real, large_dir):
         assert set(model_inputs(batch, "cpu")) == {"speech", "speech_lengths", "text", "text_lengths"}
     assert sorted(seen) == list(range(len(rows)))
     json.dumps(sampler.state_dict())  # the position is plain data: goes into a checkpoint
+
+
+def test_training_features_depend_on_seed_epoch_and_utterance_only(zh_real, large_dir):
+    spec = read_model_dir(large_dir)
+    rows = [{"key": p.stem, "source": str(p), "target": ""} for p in sorted(zh_real.glob("*.wav"))[:2]]
+    aug = dict(speed_perturb=[0.9, 1.0, 1.1], gain_db=10, noise_snr_db=[10, 30], tilt=0.5)
+    a = FeatureDataset(rows, spec.frontend, spec.tokenizer, train=True, seed=3, **aug)
+    b = FeatureDataset(rows, spec.frontend, spec.tokenizer, train=True, seed=3, **aug)
+    b[1]  # another order of reads changes nothing
+    assert torch.equal(a[0]["speech"], b[0]["speech"])
+    a.epoch = 1
+    assert not torch.equal(a[0]["speech"], b[0]["speech"])  # a new epoch, new noise and perturbation
+    plain = FeatureDataset(rows, spec.frontend, spec.tokenizer, train=False)[0]["speech"]
+    assert not torch.equal(plain, b[0]["speech"])
+    state = torch.get_rng_state()
+    a[0]
+    assert torch.equal(state, torch.get_rng_state())  # the global generator is left alone
