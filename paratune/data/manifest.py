@@ -31,9 +31,22 @@ class Lengths:
     tokens: np.ndarray  # U: target tokens
     seconds: np.ndarray
     origins: list[str]  # "file:line"
+    sources: list[str]  # audio paths as the manifest writes them ("" if none)
+    list_dirs: list[str]  # each line's manifest folder, which relative sources may be relative to
+    targets: list[str | None]  # transcripts (None where the line has only target_len)
+
+    def source(self, i: int) -> Path:
+        """Utterance i's audio file (a stat: only where the file is about to be opened)."""
+        return resolve_source(self.sources[i], Path(self.list_dirs[i]))
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def resolve_source(source: str, list_dir: Path) -> Path:
+    """The path as given if it exists (or is absolute), else relative to the manifest's folder."""
+    p = Path(source)
+    return p if p.is_absolute() or p.exists() else list_dir / p
 
 
 def _int_field(obj: dict, name: str, path: Path, number: int, errors: list) -> int | None:
@@ -46,10 +59,17 @@ def _int_field(obj: dict, name: str, path: Path, number: int, errors: list) -> i
     return int(value)
 
 
+def lfr_frames(frames10, lfr_n: int, frame_shift_ms: float = 10.0, frame_length_ms: float = 25.0):
+    """Model input frames for `frames10` 10 ms frames (int or array): fbank frames are
+    1 + (samples - window) // shift, then LFR keeps ceil(frames / lfr_n)."""
+    window = max(0, math.ceil(frame_length_ms / frame_shift_ms) - 1)
+    return -(-np.maximum(np.asarray(frames10) - window, 1) // lfr_n)
+
+
 def read_lengths(paths, tokenizer: CharTokenizer, lfr_n: int, frame_shift_ms: float = 10.0,
                  frame_length_ms: float = 25.0, workers: int = 16) -> tuple[Lengths, list[InputError]]:
     """Lengths of every line of the jsonl manifests `paths`; bad lines become errors naming file:line."""
-    keys, frames10, tokens, origins, need_audio = [], [], [], [], []
+    keys, frames10, tokens, origins, sources, list_dirs, targets, need_audio = [], [], [], [], [], [], [], []
     errors: list[InputError] = []
     seen: dict[str, str] = {}
     for path in map(Path, paths):
@@ -89,20 +109,20 @@ def read_lengths(paths, tokenizer: CharTokenizer, lfr_n: int, frame_shift_ms: fl
             if u == 0:
                 errors.append(InputError(path, number, "empty transcript"))
                 continue
+            source = obj.get("source") if isinstance(obj.get("source"), str) else ""
             if source_len is None:
-                source = obj.get("source")
-                if not isinstance(source, str) or not source:
+                if not source:
                     errors.append(InputError(path, number, "no 'source_len' and no 'source' audio to measure"))
                     continue
-                p = Path(source)
-                if not p.is_absolute() and not p.exists():
-                    p = path.parent / p
-                need_audio.append((len(keys), p, path, number))
+                need_audio.append((len(keys), resolve_source(source, path.parent), path, number))
             seen[key] = origin
             keys.append(key)
             frames10.append(source_len if source_len is not None else 0)
             tokens.append(u)
             origins.append(origin)
+            sources.append(source)
+            list_dirs.append(str(path.parent))
+            targets.append(target)
         if len(keys) == before and not any(e.path == str(path) for e in errors):
             errors.append(InputError(path, None, "empty manifest: no utterances"))
 
@@ -124,10 +144,7 @@ def read_lengths(paths, tokenizer: CharTokenizer, lfr_n: int, frame_shift_ms: fl
                 else:
                     frames10[i] = int(seconds * 1000 / frame_shift_ms)
     seconds = frames10 * frame_shift_ms / 1000
-    # fbank frames = 1 + (samples - window) // shift; then LFR keeps ceil(frames / lfr_n)
-    window = max(0, math.ceil(frame_length_ms / frame_shift_ms) - 1)
-    fbank = np.maximum(frames10 - window, 1)
-    t = -(-fbank // lfr_n)
+    t = lfr_frames(frames10, lfr_n, frame_shift_ms, frame_length_ms)
     keep = [i for i in range(len(keys)) if i not in bad and frames10[i] > 0]
     for i in range(len(keys)):
         if i not in bad and frames10[i] <= 0:
@@ -135,7 +152,8 @@ def read_lengths(paths, tokenizer: CharTokenizer, lfr_n: int, frame_shift_ms: fl
             errors.append(InputError(path, int(number), "audio is empty (length 0)"))
     idx = np.array(keep, dtype=np.int64)
     lengths = Lengths([keys[i] for i in keep], t[idx], np.array(tokens, dtype=np.int64)[idx], seconds[idx],
-                      [origins[i] for i in keep])
+                      [origins[i] for i in keep], [sources[i] for i in keep], [list_dirs[i] for i in keep],
+                      [targets[i] for i in keep])
     return lengths, errors
 
 

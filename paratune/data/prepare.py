@@ -19,6 +19,7 @@ import numpy as np
 
 from paratune.data.audio import AudioError, audio_info, load_audio
 from paratune.data.inputs import AUDIO_SUFFIXES, _lines
+from paratune.data.manifest import lfr_frames, resolve_source
 from paratune.data.tokenizer import CharTokenizer
 from paratune.io import atomic_write, atomic_write_text
 
@@ -62,11 +63,6 @@ KINDS = ("bad_line", "duplicate_key", "no_transcript", "no_audio", "missing_audi
 
 # -- reading the inputs ----------------------------------------------------------------------------
 
-def _resolve(source: str, base: Path) -> Path:
-    p = Path(source)
-    return p if p.is_absolute() or p.exists() else base / p
-
-
 def _read_jsonl(path: Path, report: Report) -> list[Item]:
     items = []
     errors = []
@@ -85,7 +81,7 @@ def _read_jsonl(path: Path, report: Report) -> list[Item]:
         if target is not None and not isinstance(target, str):
             report.exclude(obj["key"], where, "bad_line", "field 'target' is not a string")
             continue
-        items.append(Item(obj["key"], str(_resolve(obj["source"], path.parent)), target, where))
+        items.append(Item(obj["key"], str(resolve_source(obj["source"], path.parent)), target, where))
     for e in errors:
         report.exclude("", f"{e.path}:{e.line}", "bad_line", e.reason)
     return items
@@ -117,7 +113,7 @@ def _read_kaldi(scp: Path, report: Report) -> list[Item]:
                 report.exclude(key, origin, "no_transcript", f"no transcript for this key in {text_path}")
                 continue
             target = texts[key][0]
-        items.append(Item(key, str(_resolve(source, scp.parent)), target, origin))
+        items.append(Item(key, str(resolve_source(source, scp.parent)), target, origin))
     if texts is not None:
         for key in texts.keys() - wavs.keys():
             report.exclude(key, texts[key][1], "no_audio", f"transcript without audio in {scp}")
@@ -297,7 +293,7 @@ def canonical(it: Item, lfr_n: int) -> dict:
     frames10 = int(it.seconds * 100)
     row = {"key": it.key, "source": str(Path(it.source).resolve()), "source_len": frames10,
            "duration": round(it.seconds, 3), "sample_rate": it.sample_rate,
-           "frames": -(-max(frames10 - 2, 1) // lfr_n)}
+           "frames": int(lfr_frames(frames10, lfr_n))}
     if it.target is not None:
         row.update(target=it.target, target_len=it.tokens, tokens=it.tokens)
     return row

@@ -116,9 +116,6 @@ class StepTracer:
                 self._step(data)
         return Traced(tracker.peak, tracker.at_peak, tracker.stages)
 
-    def peak(self, batch: int, frames: int, tokens: int) -> Traced:
-        return self.trace(batch, frames, tokens)
-
     def trace_many(self, shapes, workers: int | None = None) -> list[Traced]:
         """Trace several shapes, in forked worker processes when there are cores to spare: a fake
         step is pure Python, so processes are the way to use more than one core."""

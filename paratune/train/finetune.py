@@ -10,8 +10,7 @@
 """
 from __future__ import annotations
 
-import json
-import math
+import contextlib
 import os
 import random
 import sys
@@ -50,31 +49,12 @@ def log(msg: str) -> None:
     print(_PREFIX + msg, file=sys.stderr, flush=True)
 
 
-def read_rows(paths) -> list[dict]:
-    """The jsonl rows (key, source, target), in the order read_lengths keeps them."""
-    rows = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        rows.append({})
-    return rows
-
-
 def load_split(paths, spec):
+    """The manifests' usable lines as loader rows (key, source, target), their lengths, the bad lines."""
     lengths, errors = read_lengths(paths, spec.tokenizer, spec.frontend.lfr_n, spec.frontend.frame_shift,
                                    spec.frontend.frame_length)
-    by_key = {r.get("key"): r for r in read_rows(paths)}
-    rows = []
-    for key in lengths.keys:
-        r = by_key[key]
-        src = Path(r["source"])
-        if not src.is_absolute() and not src.exists():
-            src = Path(paths[0]).parent / src
-        rows.append({"key": key, "source": str(src), "target": r.get("target", "")})
+    rows = [{"key": key, "source": str(lengths.source(i)), "target": lengths.targets[i] or ""}
+            for i, key in enumerate(lengths.keys)]
     return rows, lengths, errors
 
 
@@ -380,7 +360,7 @@ def finetune(args) -> int:
             # on CPU the tensor tracker costs a Python call per operator: every few steps only
             track = device.type == "cuda" or step <= 3 or step % int(mc["cpu_track_every"]) == 0
             tracker = cpu_tracker if device.type == "cpu" and track else None
-            with tracker if tracker is not None else _null():
+            with tracker if tracker is not None else contextlib.nullcontext():
                 result = run_step(model, optimizer, group, weight_of, autocast_dtype, scaler,
                                   on_oom=lambda e, n: log(f"step {step}: {e}; splitting {n} utterances"))
                 if world > 1 and not fsdp:  # FSDP reduce-scatters the gradients in backward
@@ -467,11 +447,3 @@ def _progress():
                         TextColumn("{task.fields[info]}"), console=Console(stderr=True))
     progress.start()
     return progress
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
