@@ -49,7 +49,7 @@ from paratune import ASRModel, load_model, save_model  # noqa: E402
 from paratune.data.audio import load_audio, resample  # noqa: E402
 from paratune.data.frontend import WavFrontend  # noqa: E402
 from paratune.data.tokenizer import CharTokenizer  # noqa: E402
-from paratune.model.paraformer import build_paraformer  # noqa: E402
+from paratune.model.paraformer import build_paraformer, paraformer_config  # noqa: E402
 from paratune.data.specaug import spec_augment  # noqa: E402
 from paratune.train.metrics import edit_distance  # noqa: E402
 from paratune.train.step import make_optimizer, train_step  # noqa: E402
@@ -215,25 +215,7 @@ def write_wav(path: Path, x: np.ndarray) -> None:
 def model_config(d: int, enc_blocks: int, dec_blocks: int, ffn: int) -> dict:
     """paraformer-large's config.yaml layout (shared/data/paraformer_large/config.yaml), tiny sizes."""
     return {
-        "model": "Paraformer",
-        "model_conf": {"ctc_weight": 0.0, "lsm_weight": 0.1, "length_normalized_loss": True,
-                       "predictor_weight": 1.0, "predictor_bias": 1, "sampling_ratio": 0.75},
-        "encoder": "SANMEncoder",
-        "encoder_conf": {"output_size": d, "attention_heads": 4, "linear_units": ffn, "num_blocks": enc_blocks,
-                         "dropout_rate": 0.1, "positional_dropout_rate": 0.1, "attention_dropout_rate": 0.1,
-                         "input_layer": "pe", "pos_enc_class": "SinusoidalPositionEncoder",
-                         "normalize_before": True, "kernel_size": 11, "sanm_shfit": 0,
-                         "selfattention_layer_type": "sanm"},
-        "decoder": "ParaformerSANMDecoder",
-        "decoder_conf": {"attention_heads": 4, "linear_units": ffn, "num_blocks": dec_blocks, "dropout_rate": 0.1,
-                         "positional_dropout_rate": 0.1, "self_attention_dropout_rate": 0.1,
-                         "src_attention_dropout_rate": 0.1, "att_layer_num": dec_blocks, "kernel_size": 11,
-                         "sanm_shfit": 0},
-        "predictor": "CifPredictorV2",
-        "predictor_conf": {"idim": d, "threshold": 1.0, "l_order": 1, "r_order": 1, "tail_threshold": 0.45},
-        "frontend": "WavFrontend",
-        "frontend_conf": {"fs": FS, "window": "hamming", "n_mels": 80, "frame_length": 25, "frame_shift": 10,
-                          "lfr_m": 7, "lfr_n": 6},
+        **paraformer_config(d, enc_blocks, dec_blocks, ffn, FS),
         "specaug": "SpecAugLFR",
         "specaug_conf": {"apply_time_warp": False, "time_warp_window": 5, "time_warp_mode": "bicubic",
                          "apply_freq_mask": True, "freq_mask_width_range": [0, 30], "lfr_rate": 6,

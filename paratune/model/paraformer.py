@@ -222,6 +222,32 @@ def build_paraformer(config: dict, vocab_size: int, input_size: int, source: str
     )
 
 
+def paraformer_config(d: int, enc_blocks: int, dec_blocks: int, ffn: int, fs: int = 16000) -> dict:
+    """The model and frontend sections of a FunASR `config.yaml` in paraformer-large's layout
+    (../shared/data/paraformer_large/config.yaml) with small sizes: for models trained from scratch."""
+    return {
+        "model": "Paraformer",
+        "model_conf": {"ctc_weight": 0.0, "lsm_weight": 0.1, "length_normalized_loss": True,
+                       "predictor_weight": 1.0, "predictor_bias": 1, "sampling_ratio": 0.75},
+        "encoder": "SANMEncoder",
+        "encoder_conf": {"output_size": d, "attention_heads": 4, "linear_units": ffn, "num_blocks": enc_blocks,
+                         "dropout_rate": 0.1, "positional_dropout_rate": 0.1, "attention_dropout_rate": 0.1,
+                         "input_layer": "pe", "pos_enc_class": "SinusoidalPositionEncoder",
+                         "normalize_before": True, "kernel_size": 11, "sanm_shfit": 0,
+                         "selfattention_layer_type": "sanm"},
+        "decoder": "ParaformerSANMDecoder",
+        "decoder_conf": {"attention_heads": 4, "linear_units": ffn, "num_blocks": dec_blocks, "dropout_rate": 0.1,
+                         "positional_dropout_rate": 0.1, "self_attention_dropout_rate": 0.1,
+                         "src_attention_dropout_rate": 0.1, "att_layer_num": dec_blocks, "kernel_size": 11,
+                         "sanm_shfit": 0},
+        "predictor": "CifPredictorV2",
+        "predictor_conf": {"idim": d, "threshold": 1.0, "l_order": 1, "r_order": 1, "tail_threshold": 0.45},
+        "frontend": "WavFrontend",
+        "frontend_conf": {"fs": fs, "window": "hamming", "n_mels": 80, "frame_length": 25, "frame_shift": 10,
+                          "lfr_m": 7, "lfr_n": 6},
+    }
+
+
 def set_checkpointing(model: Paraformer, encoder_blocks: int | None = None, decoder_blocks: int | None = 0):
     """Turn on activation checkpointing for the first `encoder_blocks` encoder blocks (None: all)
     and the first `decoder_blocks` decoder blocks (None: all). Non-reentrant; dropout replays."""

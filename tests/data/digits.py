@@ -12,7 +12,7 @@ import torch
 from paratune.data.audio import load_audio
 from paratune.data.frontend import WavFrontend
 from paratune.data.tokenizer import CharTokenizer
-from paratune.model.paraformer import build_paraformer
+from paratune.model.paraformer import build_paraformer, paraformer_config
 from paratune.modeldir import ASRModel, save_model
 from paratune.train.step import make_optimizer, train_step
 
@@ -22,24 +22,7 @@ TRAIN_SPEAKERS = ("george", "jackson", "lucas")
 
 def digit_config(d: int = 96, enc_blocks: int = 3, dec_blocks: int = 1) -> dict:
     return {
-        "model": "Paraformer",
-        "model_conf": {"ctc_weight": 0.0, "lsm_weight": 0.1, "length_normalized_loss": True, "predictor_weight": 1.0,
-                       "predictor_bias": 1, "sampling_ratio": 0.75},
-        "encoder": "SANMEncoder",
-        "encoder_conf": {"output_size": d, "attention_heads": 4, "linear_units": 2 * d, "num_blocks": enc_blocks,
-                         "dropout_rate": 0.1, "positional_dropout_rate": 0.1, "attention_dropout_rate": 0.1,
-                         "input_layer": "pe", "pos_enc_class": "SinusoidalPositionEncoder", "normalize_before": True,
-                         "kernel_size": 11, "sanm_shfit": 0, "selfattention_layer_type": "sanm"},
-        "decoder": "ParaformerSANMDecoder",
-        "decoder_conf": {"attention_heads": 4, "linear_units": 2 * d, "num_blocks": dec_blocks, "dropout_rate": 0.1,
-                         "positional_dropout_rate": 0.1, "self_attention_dropout_rate": 0.1,
-                         "src_attention_dropout_rate": 0.1, "att_layer_num": dec_blocks, "kernel_size": 11,
-                         "sanm_shfit": 0},
-        "predictor": "CifPredictorV2",
-        "predictor_conf": {"idim": d, "threshold": 1.0, "l_order": 1, "r_order": 1, "tail_threshold": 0.45},
-        "frontend": "WavFrontend",
-        "frontend_conf": {"fs": 16000, "window": "hamming", "n_mels": 80, "frame_length": 25, "frame_shift": 10,
-                          "lfr_m": 7, "lfr_n": 6},
+        **paraformer_config(d, enc_blocks, dec_blocks, 2 * d),
         "tokenizer": "CharTokenizer",
         "tokenizer_conf": {"unk_symbol": "<unk>"},
     }

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from paratune.memory.estimate import MemoryModel, fit, load_or_fit, random_shapes
 from paratune.memory.trace import StepOptions, StepTracer, fit_key
