@@ -1,0 +1,61 @@
+"""The FSDD recipe end to end: train on three speakers, WER on the fourth, and how well the memory
+model predicted each tracked training step.
+
+    python benchmarks/fsdd_recipe.py [++key=value ...]
+
+Links george, jackson and lucas's recordings (../shared/data/fsdd) into a training folder and nicolas's
+into a test folder, runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`), and prints
+the WER it reports, wall and CPU time, and from EXP/memory.csv the error of the predicted peak against
+the tracked peak of every recorded step.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDD = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "fsdd"
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp())
+    train, test = tmp / "train", tmp / "test"
+    train.mkdir()
+    test.mkdir()
+    for p in sorted(FSDD.glob("*.wav")):
+        (test if p.stem.split("_")[1] == "nicolas" else train).joinpath(p.name).symlink_to(p)
+    exp = tmp / "exp"
+    env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PARATUNE_CACHE": str(tmp / "cache")}
+    start = time.perf_counter()
+    out = subprocess.run(["bash", str(ROOT / "examples" / "fsdd" / "run.sh"), str(train), str(test), str(exp),
+                          *sys.argv[1:]], env=env, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    rows = list(csv.DictReader(open(exp / "memory.csv")))
+    pred = np.array([float(r["predicted"]) for r in rows])
+    peak = np.array([float(r["peak"]) for r in rows])
+    err = (pred - peak) / peak
+    print(f"train: {len(list(train.iterdir()))} recordings (george, jackson, lucas); test: "
+          f"{len(list(test.iterdir()))} (nicolas); overrides: {' '.join(sys.argv[1:]) or 'none'}")
+    print(f"result: {out.stdout.strip().splitlines()[-1]}")
+    print(f"wall {wall / 60:.1f} min, CPU {(usage.ru_utime + usage.ru_stime) / 60:.1f} min (user + system, all processes)")
+    print(f"memory: {len(rows)} tracked steps, predicted vs tracked peak: mean |error| {100 * np.abs(err).mean():.2f} %, "
+          f"tracked above predicted by at most {100 * max(0.0, -err.min()):.2f} %, "
+          f"predicted above tracked by at most {100 * err.max():.2f} %")
+    print(f"best epochs: {[line for line in out.stderr.splitlines() if 'final model' in line][-1:]}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
