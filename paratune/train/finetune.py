@@ -211,7 +211,10 @@ def finetune(args) -> int:
     options = StepOptions(precision=mc["precision"], checkpointing=False, frozen=frozen,
                           grad_clip=tc["grad_clip"], device="cuda" if device.type == "cuda" else "cpu",
                           lora_r=int(lora["r"]), lora_targets=lora_targets if int(lora["r"]) else ())
-    t_max, u_max = int(train_len.frames.max()), int(train_len.tokens.max())
+    # speed perturbation below 1 lengthens an utterance after planning: plan with the longest version
+    slowest = min([1.0] + [float(x) for x in dc["speed_perturb"] or []])
+    frames = np.ceil(train_len.frames / slowest).astype(np.int64) + (slowest < 1.0)
+    t_max, u_max = int(frames.max()), int(train_len.tokens.max())
 
     def reduce_bucket(m) -> int:
         return min(BUCKET, m.resident["gradients"]) if world > 1 and not getattr(args, "fsdp", False) else 0
@@ -256,7 +259,7 @@ def finetune(args) -> int:
         fully_shard(model)
         register_fsdp_forward_method(model, "decode")  # validation decodes: gather the root's weights too
     buckets = bucket_boundaries(t_max, dc["buckets"]) if dc["buckets"] else None
-    sampler = MemoryBoundedSampler(train_len.frames, train_len.tokens, limit, seed=seed,
+    sampler = MemoryBoundedSampler(frames, train_len.tokens, limit, seed=seed,
                                    buffer_size=dc["buffer_size"], buckets=buckets,
                                    costliest_first=dc["costliest_first"], max_batch=dc["max_batch"],
                                    world_size=world, rank=rank)

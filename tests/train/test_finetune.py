@@ -198,3 +198,23 @@ def test_lora_trains_adapters_and_exports_a_plain_model(digits, tmp_path, capsys
     assert changed and all(k.endswith(("linear_q_k_v.weight", "linear_q.weight", "linear_k_v.weight",
                                        "linear_out.weight", "w_1.weight", "w_2.weight")) for k in changed)
     load_model(exp / "final")  # loads as a plain Paraformer directory
+
+
+@pytest.mark.slow
+def test_speed_perturbation_is_planned_for(digits, tmp_path, capsys, monkeypatch):
+    """Speed 0.8 makes an utterance 25 % longer after planning: the sampler must plan the longer version,
+    so no step's real shape is predicted over the budget."""
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    exp = tmp_path / "exp"
+    code = main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
+                 "--output", str(exp), "--budget", "30MiB", "++train_conf.max_epoch=1",
+                 "++dataset_conf.speed_perturb=[0.8]", "++dataset_conf.max_batch=null",
+                 "++dataset_conf.num_workers=0", "++memory.cpu_track_every=1"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    rows = (exp / "memory.csv").read_text().splitlines()[1:]
+    predicted = [int(r.split(",")[5]) for r in rows]
+    measured = [int(r.split(",")[6]) for r in rows]
+    budget = 30 * 2**20
+    assert max(predicted) <= budget and max(measured) <= 1.02 * budget
+    assert len(rows) >= 2
+    assert max(predicted) > 0.6 * budget  # the batches were packed up to the budget, not far below it
