@@ -188,7 +188,8 @@ def main(argv=None) -> int:
            "--train", str(out / "train.jsonl"), "--valid", str(out / "valid.jsonl"), "--output", str(exp),
            "--budget", str(budget), "--precision", args.precision, "--device", args.device,
            "++train_conf.max_epoch=1", "++train_conf.log_interval=5", "++train_conf.save_checkpoint_interval=0",
-           "++train_conf.keep_nbest_models=1", f"++dataset_conf.num_workers={args.workers}"]
+           "++train_conf.keep_nbest_models=1", f"++dataset_conf.num_workers={args.workers}",
+           "++dataset_conf.buffer_size=100000"]  # paraformer-large's config.yaml says 500: too few to pack from
     rc, secs = run(cmd, out / "finetune.log", args.timeout, env)
     text = (out / "finetune.log").read_text()
     result["finetune"] = {"rc": rc, "wall_s": round(secs, 1), "command": " ".join(cmd[1:])}

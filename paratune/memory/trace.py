@@ -47,6 +47,8 @@ class StepOptions:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose from cpu, cuda")
         object.__setattr__(self, "frozen", tuple(self.frozen))
+        # a YAML `grad_clip: 5` and the default 5.0 are the same step: the same cached fit
+        object.__setattr__(self, "grad_clip", float(self.grad_clip) if self.grad_clip else None)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     def to_dict(self) -> dict:

@@ -91,6 +91,7 @@ class MemoryMonitor:
                         int(reserved), int(inactive), int(retries), rss_bytes(), self.budget)
         self.samples.append(sample)
         self._writer.writerow(asdict(sample))
+        self._csv.flush()  # readable while the run goes on (and after a kill)
         if self._tb is not None:
             for k in ("predicted", "peak", "allocated", "reserved", "rss"):
                 self._tb.add_scalar(f"memory/{k}_gib", getattr(sample, k) / 2**30, step)

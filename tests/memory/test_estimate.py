@@ -120,3 +120,10 @@ def test_lora_is_traced_like_a_real_step(config):
     lora = fake.resident()
     assert lora["gradients"] < full["gradients"] / 5  # only the adapters train
     assert lora["optimizer_state"] < full["optimizer_state"] / 5 and lora["parameters"] > full["parameters"]
+
+
+def test_fit_key_reads_grad_clip_as_a_number():
+    """FunASR configs write `grad_clip: 5`; paratune's default is 5.0: one step, one cached fit."""
+    from paratune.memory.trace import StepOptions, fit_key
+    assert fit_key({}, 10, 80, StepOptions(grad_clip=5)) == fit_key({}, 10, 80, StepOptions(grad_clip=5.0))
+    assert fit_key({}, 10, 80, StepOptions(grad_clip=1)) != fit_key({}, 10, 80, StepOptions(grad_clip=5.0))
