@@ -95,7 +95,8 @@ def run(cmd: list[str], log: Path, timeout: int, env: dict) -> tuple[int, float]
     start = time.time()
     with open(log, "w") as f:
         try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            # coreutils' timeout: a killed benchmark must not leave its trainer running
+            proc = subprocess.Popen(["timeout", str(timeout)] + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                     cwd=ROOT)
             for line in proc.stdout:
                 sys.stdout.write(line)
