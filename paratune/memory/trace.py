@@ -86,7 +86,8 @@ class StepTracer:
 
     def __init__(self, config: dict, vocab: int, input_size: int, options: StepOptions = StepOptions(),
                  fake: bool = True):
-        self.vocab, self.input_size, self.options = vocab, input_size, options
+        self.config, self.vocab, self.input_size, self.options = config, vocab, input_size, options
+        self.fake = fake
         self.mode = FakeTensorMode() if fake else contextlib.nullcontext()
         with self.mode:
             self.model = build_paraformer(config, vocab, input_size).train()
@@ -119,8 +120,12 @@ class StepTracer:
         return Traced(tracker.peak, tracker.at_peak, tracker.stages)
 
     def trace_many(self, shapes, workers: int | None = None) -> list[Traced]:
-        """Trace several shapes, in forked worker processes when there are cores to spare: a fake
-        step is pure Python, so processes are the way to use more than one core."""
+        """Trace several shapes in worker processes when there are cores to spare: a fake step is pure
+        Python, so processes are the way to use more than one core.
+
+        Forked workers inherit this tracer. Where a GPU is present, autograd has started its device
+        threads by now (the warm-up step) and refuses to run in a forked child: the workers are then
+        spawned and each builds its own tracer."""
         shapes = list(shapes)
         if workers is None:
             workers = int(os.environ.get("PARATUNE_TRACE_WORKERS", os.cpu_count() or 1))
@@ -128,12 +133,16 @@ class StepTracer:
         if workers <= 1 or sys.platform != "linux":  # fork is only dependable on Linux
             return [self.trace(*s) for s in shapes]
         global _TRACER
-        _TRACER = self
-        try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                return pool.starmap(_trace_in_worker, shapes, chunksize=1)
-        finally:
-            _TRACER = None
+        if _fork_safe():
+            _TRACER = self
+            try:
+                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                    return pool.starmap(_trace_in_worker, shapes, chunksize=1)
+            finally:
+                _TRACER = None
+        args = (self.config, self.vocab, self.input_size, self.options, self.fake)
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=_build_in_worker, initargs=args) as pool:
+            return pool.starmap(_trace_in_worker, shapes, chunksize=1)
 
     def resident(self) -> dict:
         """Bytes that live across steps: parameters, optimizer state, gradients (only under DDP)."""
@@ -148,6 +157,17 @@ class StepTracer:
 
 
 _TRACER: StepTracer | None = None  # the tracer forked workers inherit
+
+
+def _fork_safe() -> bool:
+    """Autograd runs a thread per accelerator once a backward has run; a forked child cannot use them."""
+    return not torch.cuda.is_available() and os.environ.get("PARATUNE_TRACE_SPAWN") != "1"
+
+
+def _build_in_worker(config, vocab, input_size, options, fake) -> None:
+    global _TRACER
+    torch.set_num_threads(1)
+    _TRACER = StepTracer(config, vocab, input_size, options, fake)
 
 
 def _trace_in_worker(batch: int, frames: int, tokens: int) -> Traced:

@@ -127,3 +127,16 @@ def test_fit_key_reads_grad_clip_as_a_number():
     from paratune.memory.trace import StepOptions, fit_key
     assert fit_key({}, 10, 80, StepOptions(grad_clip=5)) == fit_key({}, 10, 80, StepOptions(grad_clip=5.0))
     assert fit_key({}, 10, 80, StepOptions(grad_clip=1)) != fit_key({}, 10, 80, StepOptions(grad_clip=5.0))
+
+
+def test_spawned_tracers_trace_as_forked_ones(config, monkeypatch):
+    """With a GPU present autograd refuses forked children: the spawned workers (each with its own
+    tracer) must give the same figures as the forked ones and as tracing in this process."""
+    tracer = StepTracer(config, 50, 560)
+    shapes = [(2, 40, 6), (3, 24, 5)]
+    here = [tracer.trace(*s) for s in shapes]
+    forked = tracer.trace_many(shapes, workers=2)
+    monkeypatch.setenv("PARATUNE_TRACE_SPAWN", "1")
+    spawned = tracer.trace_many(shapes, workers=2)
+    for a, b, c in zip(here, forked, spawned):
+        assert a.peak == b.peak == c.peak and a.stages == b.stages == c.stages
