@@ -55,6 +55,9 @@ def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes
         batch = _real_batch(b, t, u, spec.input_size, spec.vocab_size, dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+            # the cache still holds the previous shape's blocks: without emptying it, max_memory_reserved
+            # reports them, not what this shape needs
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
             step(batch)
             torch.cuda.synchronize(dev)

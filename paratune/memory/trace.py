@@ -55,13 +55,43 @@ class StepOptions:
         return {**asdict(self), "frozen": list(self.frozen), "lora_targets": list(self.lora_targets)}
 
 
+TRACER_VERSION = 2  # 2: CUDA steps traced with the memory-efficient attention kernel
+
+
+def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """What a GPU runs for masked attention with dropout: PyTorch's memory-efficient kernel (flash
+    attention takes no mask). It keeps the output and one log-sum-exp per query, never the T x T
+    weights the CPU's math path materialises (and saves for backward). Shapes only: fake tensors."""
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:  # as sdpa converts it: a float bias of the mask's own shape
+            attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), 0.0).to(query.dtype)
+        bias = attn_mask.to(query.dtype).expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    grad = query.requires_grad or key.requires_grad or value.requires_grad
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, grad, dropout_p,
+                                                                  is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def cuda_kernels():
+    """Trace a CUDA step on the CPU: attention through the kernel CUDA would pick."""
+    import torch.nn.functional as F
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _efficient_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def fit_key(config: dict, vocab: int, input_size: int, options: StepOptions) -> str:
     """A hash of everything a fit depends on: the model config and the step options."""
     blob = json.dumps({"config": {k: config.get(k) for k in sorted(config) if k.endswith(("_conf", "encoder",
                                                                                           "decoder", "predictor",
                                                                                           "model"))},
                        "vocab": vocab, "input_size": input_size, "options": options.to_dict(),
-                       "torch": torch.__version__.split("+")[0]}, sort_keys=True, default=str)
+                       "torch": torch.__version__.split("+")[0], "tracer": TRACER_VERSION}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -107,9 +137,10 @@ class StepTracer:
             self._step(fake_batch(1, 8, 2, input_size, vocab))
 
     def _step(self, batch):
-        train_step(self.model, self.optimizer, batch, grad_clip=self.options.grad_clip,
-                   autocast_dtype=PRECISIONS[self.options.precision], scaler=self.scaler, return_stats=False,
-                   keep_grads=self.options.ddp)
+        with cuda_kernels() if self.options.device == "cuda" else contextlib.nullcontext():
+            train_step(self.model, self.optimizer, batch, grad_clip=self.options.grad_clip,
+                       autocast_dtype=PRECISIONS[self.options.precision], scaler=self.scaler,
+                       return_stats=False, keep_grads=self.options.ddp)
 
     def trace(self, batch: int, frames: int, tokens: int) -> Traced:
         with self.mode:

@@ -8,7 +8,7 @@ and the process's resident set size from /proc.
 
 Detectors, each saying what it saw and what to do:
 - leak: memory left allocated after the step (the baseline) rising step after step;
-- fragmentation: reserved minus allocated rising, or allocator retries;
+- fragmentation: the cache holding more than the largest recent step needed, or allocator retries;
 - outlier batch: a step's peak far above what the plan predicted for its shape.
 """
 from __future__ import annotations
@@ -52,26 +52,42 @@ def rss_bytes() -> int:
 
 
 class MemoryMonitor:
-    def __init__(self, out_dir: Path, budget: int, device: torch.device, window: int = 50, tensorboard: bool = True,
-                 log=print):
-        self.out_dir, self.budget, self.device, self.window, self.log = Path(out_dir), budget, device, window, log
+    def __init__(self, out_dir: Path | None, budget: int, device: torch.device, window: int = 50,
+                 tensorboard: bool = True, log=print):
+        """`out_dir=None`: no files and no allocator calls, for replaying a recorded memory.csv."""
+        self.out_dir, self.budget, self.device, self.window, self.log = out_dir, budget, device, window, log
         self.samples: list[Sample] = []
         self.findings: dict[str, str] = {}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "memory.csv"
-        new = not path.exists()
-        self._csv = open(path, "a", newline="")
-        self._writer = csv.DictWriter(self._csv, fieldnames=FIELDS)
-        if new:
-            self._writer.writeheader()
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-            except ImportError:
-                pass
+        self.live = out_dir is not None
+        self._csv = self._writer = self._tb = None
+        if self.live:
+            self.out_dir = Path(out_dir)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.out_dir / "memory.csv"
+            new = not path.exists()
+            self._csv = open(path, "a", newline="")
+            self._writer = csv.DictWriter(self._csv, fieldnames=FIELDS)
+            if new:
+                self._writer.writeheader()
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+                except ImportError:
+                    pass
         self.empty_cache_calls = 0
+
+    @classmethod
+    def replay(cls, path: Path, window: int = 50, log=lambda line: None) -> "MemoryMonitor":
+        """The detectors run over a recorded memory.csv (CUDA figures when it has reserved bytes)."""
+        with open(path, newline="") as f:
+            rows = [Sample(**{k: int(float(r[k])) for k in FIELDS}) for r in csv.DictReader(f)]
+        cuda = any(r.reserved for r in rows)
+        monitor = cls(None, rows[0].budget if rows else 0, torch.device("cuda" if cuda else "cpu"), window, log=log)
+        for r in rows:
+            monitor.samples.append(r)
+            monitor._detect(r)
+        return monitor
 
     def start_step(self) -> None:
         if self.device.type == "cuda":
@@ -90,8 +106,9 @@ class MemoryMonitor:
         sample = Sample(step, epoch, shape[0], shape[1], shape[2], int(predicted), int(peak), int(allocated),
                         int(reserved), int(inactive), int(retries), rss_bytes(), self.budget)
         self.samples.append(sample)
-        self._writer.writerow(asdict(sample))
-        self._csv.flush()  # readable while the run goes on (and after a kill)
+        if self._writer is not None:
+            self._writer.writerow(asdict(sample))
+            self._csv.flush()  # readable while the run goes on (and after a kill)
         if self._tb is not None:
             for k in ("predicted", "peak", "allocated", "reserved", "rss"):
                 self._tb.add_scalar(f"memory/{k}_gib", getattr(sample, k) / 2**30, step)
@@ -120,24 +137,30 @@ class MemoryMonitor:
                 self._say("leak", f"memory left allocated after each step rose {rise / 2**20:.0f} MiB over the last "
                                   f"{len(base)} steps (now {base[-1] / 2**30:.2f} GiB): something keeps tensors from "
                                   "earlier steps (a loss kept for logging without .item(), a list of outputs, a hook)")
-            if self.device.type == "cuda":
-                gap = np.array([r.reserved - r.allocated for r in recent], dtype=float)
-                gap_rise = gap[-1] - gap[0]
-                if (gap_rise > 0.05 * max(1, recent[-1].reserved) or recent[-1].retries > recent[0].retries):
-                    self._say("fragmentation", f"reserved exceeds allocated by {gap[-1] / 2**30:.2f} GiB "
-                                               f"(+{gap_rise / 2**30:.2f} GiB over {len(gap)} steps), "
-                                               f"{recent[-1].retries} allocator retries: changing batch shapes "
-                                               "fragment the cache; use --buckets 1.1 and "
-                                               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
-                    if gap[-1] > 0.2 * max(1, recent[-1].reserved):
-                        torch.cuda.empty_cache()  # only past the threshold: it costs the next steps' speed
-                        self.empty_cache_calls += 1
+        if self.device.type == "cuda" and len(recent) >= 10:
+            # the cache keeps what the largest recent step needed; more than that is memory the allocator
+            # could not reuse (blocks split for other shapes). Reserved minus allocated-after-the-step is
+            # no measure: a healthy cache holds the whole step peak between steps.
+            needed = max(r.peak for r in recent)
+            gap = s.reserved - needed
+            if ((gap > max(0.10 * needed, 2**28)) or s.retries > recent[0].retries) and \
+                    s.step >= getattr(self, "_frag_quiet_until", 0):
+                self._frag_quiet_until = s.step + 100
+                self._say("fragmentation", f"the allocator holds {s.reserved / 2**30:.2f} GiB, {gap / 2**30:.2f} GiB "
+                                           f"more than the largest step of the last {len(recent)} needed "
+                                           f"({needed / 2**30:.2f} GiB); {s.retries} allocator retries: changing "
+                                           "batch shapes fragment the cache; use --buckets 1.1 and "
+                                           "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+                if gap > 0.2 * max(1, s.reserved) and self.live:
+                    torch.cuda.empty_cache()  # only past the threshold: it costs the next steps' speed
+                    self.empty_cache_calls += 1
 
     def close(self) -> None:
-        self._csv.close()
+        if self._csv is not None:
+            self._csv.close()
         if self._tb is not None:
             self._tb.close()
-        if self.samples:
+        if self.samples and self.live:
             self.plot(self.out_dir / "memory.png")
 
     def plot(self, path: Path) -> None:

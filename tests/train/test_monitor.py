@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import torch
 
@@ -52,3 +53,18 @@ def test_outlier_batch(tmp_path):
     monitor.end_step(1, 0, (8, 500, 40), predicted=100 * 2**20, tracked_peak=150 * 2**20, tracked_now=10)
     assert "outlier_batch" in monitor.findings and "B=8, T=500, U=40" in monitor.findings["outlier_batch"]
     monitor.close()
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_fragmentation_is_found_in_a_recorded_h200_run():
+    """Real CUDA allocator figures: random batch shapes without expandable segments fragment the cache;
+    the epoch with paratune's defaults is healthy (the cache holds the largest step's peak and no more)."""
+    lines = []
+    fragmented = MemoryMonitor.replay(DATA / "h200_fragmented_memory.csv", log=lines.append)
+    assert set(fragmented.findings) == {"fragmentation"}, fragmented.findings
+    assert "expandable_segments:True" in fragmented.findings["fragmentation"]
+    assert len(lines) <= 2  # rate-limited: one line per hundred steps
+    healthy = MemoryMonitor.replay(DATA / "h200_epoch_memory.csv")
+    assert healthy.findings == {}, healthy.findings
