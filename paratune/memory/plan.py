@@ -65,6 +65,14 @@ class Limit:
     def calibrated(self) -> bool:
         return self.margin is None and bool(self.model.calibration) and self.device == "cuda"
 
+    def expected(self, b: int, t: int, u: int) -> float:
+        """The step's peak as the allocator will count it: the model's figure, corrected by the
+        calibration's allocated/predicted ratio where there is one (no safety margin)."""
+        peak = float(self.model.peak(b, t, u))
+        if self.calibrated and self.model.calibration.get("allocated_ratio"):
+            peak *= float(self.model.calibration["allocated_ratio"])
+        return peak
+
     def need(self, b, t, u) -> np.ndarray:
         return self.model.peaks(b, t, u) * self.scale
 

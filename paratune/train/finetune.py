@@ -371,7 +371,7 @@ def finetune(args) -> int:
                 optimizer_step(model, optimizer, tc["grad_clip"], scaler)
             scheduler.step()
             b, t, u = max(group_shapes, key=lambda s: s[0] * s[1])
-            predicted = int(limit.model.peak(b, t, u)) + reduce_bucket(limit.model)
+            predicted = int(limit.expected(b, t, u)) + reduce_bucket(limit.model)
             if track:
                 monitor.end_step(step, epoch, (b, t, u), predicted, tracker.peak if tracker else None,
                                  tracker.current if tracker else None)

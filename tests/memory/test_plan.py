@@ -218,3 +218,21 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_refuses(text):
     with pytest.raises(PlanError, match="cannot read the budget"):
         parse_bytes(text)
+
+
+def test_a_cuda_calibration_corrects_the_expected_peak_and_the_budget_share():
+    """The H200's figures (2026-11-26): allocated = 0.83 x predicted, reserved = 0.84 x predicted. A
+    calibrated limit packs by the reserved ratio and reports the allocated one as the expected peak."""
+    from paratune.memory.estimate import MemoryModel
+    from paratune.memory.plan import Limit
+    model = MemoryModel(resident={"parameters": 10, "buffers": 0, "optimizer_state": 20, "gradients": 10},
+                        static_forward=30, gradients=[0.0], coef=[[100.0, 0, 1.0, 0, 0, 0, 0]],
+                        options={"device": "cuda"}, key="k")
+    raw = float(model.peak(2, 50, 5))
+    plain = Limit(model, 10**6, "cuda")
+    assert plain.expected(2, 50, 5) == raw and plain.scale == 1.10
+    model.calibration = {"allocated_ratio": 0.83, "reserved_ratio": 0.84, "rows": []}
+    calibrated = Limit(model, 10**6, "cuda")
+    assert calibrated.calibrated and calibrated.scale == 0.84
+    assert calibrated.expected(2, 50, 5) == pytest.approx(0.83 * raw)
+    assert Limit(model, 10**6, "cpu").expected(2, 50, 5) == raw  # a CUDA calibration says nothing of a CPU
