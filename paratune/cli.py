@@ -291,6 +291,22 @@ def _eval(args) -> int:
     return EXIT_PARTIAL if errors else EXIT_OK
 
 
+def _doctor(args) -> int:
+    from paratune.doctor import doctor, report_text, to_json, write_png
+    from paratune.memory.plan import PlanError, parse_bytes
+
+    try:
+        gpu = parse_bytes(args.gpu_memory) / 2**30 if args.gpu_memory else None
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    report = doctor(args.logs, gpu)
+    print(to_json(report) if args.json else report_text(report))
+    if args.png and write_png(report, args.png) and not args.json:
+        print(f"timeline: {args.png}")
+    return EXIT_OK if report["findings"] else EXIT_FAILED  # no finding: no file could be read
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paratune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -356,6 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "when splitting labelled audio")
     p.add_argument("--workers", type=int, default=16, help="threads reading audio headers")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("doctor", help="explain GPU memory in FunASR training logs or paratune's memory.csv",
+                       description="Reads FunASR 1.x per-step log lines (GPU, memory: usage/peak/cache/cache_peak), "
+                                   "FunASR 0.x epoch summaries, DeepSpeed MemAllocated= lines and paratune's "
+                                   "memory.csv, and says what happened (leak, fragmentation, outlier_batch, "
+                                   "near_capacity, host_memory, healthy, no_memory_data) with the figures and "
+                                   "the fix, as paratune and as FunASR settings. Several files are one run.")
+    p.add_argument("logs", nargs="+", type=Path, metavar="LOG")
+    p.add_argument("--json", action="store_true", help="print {lines_parsed, ranks, findings, notes} as JSON")
+    p.add_argument("--png", type=Path, help="plot the log's memory figures over steps")
+    p.add_argument("--gpu-memory", help="the card's memory, e.g. 80GiB (for near_capacity)")
+    p.set_defaults(func=_doctor)
 
     p = sub.add_parser("finetune", help="train a Paraformer within a memory budget",
                        description="Plans batches with the memory model, trains with OOM recovery, watches memory "
