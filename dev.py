@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set-up and tasks that need nothing but Python >= 3.10 with pip.
 
-    python3 dev.py demo           # venv + paratune, then transcribe the bundled clips with the bundled model
+    python3 dev.py demo           # venv + paratune; transcribe the bundled clips, then `paratune demo` (fine-tuning)
     python3 dev.py test [ARGS]    # venv + paratune + test extras + funasr reference, then pytest [ARGS]
 
 Each task creates `.venv/` and installs what it needs the first time (and again when pyproject.toml
@@ -53,11 +53,14 @@ def demo(args: list[str]) -> int:
     clips = sorted(str(p) for p in (ROOT / "paratune/assets/demo").glob("*.wav"))
     model = ROOT / "paratune/assets/demo_model"
     print(f"\nTranscribing {len(clips)} bundled clip(s) with the bundled model {model.relative_to(ROOT)}:\n", flush=True)
-    code = subprocess.run([BIN / "paratune", "transcribe", "--model", model, *clips, *args]).returncode
+    code = subprocess.run([BIN / "paratune", "transcribe", "--model", model, *clips]).returncode
     text = ROOT / "paratune/assets/demo/text"
     if text.exists():
         print(f"\nReference transcripts ({text.relative_to(ROOT)}):\n{text.read_text(encoding='utf-8')}")
-    return code
+    if code != 0:
+        return code
+    print("\nFine-tuning it on a condition it never heard (paratune demo):\n", flush=True)
+    return subprocess.run([BIN / "paratune", "demo", *args]).returncode
 
 
 def test(args: list[str]) -> int:
