@@ -1,12 +1,13 @@
 """The FSDD recipe end to end: train on three speakers, WER on the fourth, and how well the memory
 model predicted each tracked training step.
 
-    python benchmarks/fsdd_recipe.py [++key=value ...]
+    python benchmarks/fsdd_recipe.py [--keep DIR] [++key=value ...]
 
 Links george, jackson and lucas's recordings (../shared/data/fsdd) into a training folder and nicolas's
 into a test folder, runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`), and prints
 the WER it reports, wall and CPU time, and from EXP/memory.csv the error of the predicted peak against
-the tracked peak of every recorded step.
+the tracked peak of every recorded step. `--keep DIR` keeps the experiment folder (data, logs, final
+model) in DIR instead of deleting it.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ FSDD = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "dat
 
 
 def main() -> None:
+    args, keep = sys.argv[1:], None
+    if args[:1] == ["--keep"] and len(args) > 1:
+        keep, args = Path(args[1]), args[2:]
     tmp = Path(tempfile.mkdtemp())
     train, test = tmp / "train", tmp / "test"
     train.mkdir()
@@ -37,7 +41,7 @@ def main() -> None:
     env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PARATUNE_CACHE": str(tmp / "cache")}
     start = time.perf_counter()
     out = subprocess.run(["bash", str(ROOT / "examples" / "fsdd" / "run.sh"), str(train), str(test), str(exp),
-                          *sys.argv[1:]], env=env, capture_output=True, text=True, cwd=ROOT)
+                          *args], env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
@@ -47,13 +51,17 @@ def main() -> None:
     peak = np.array([float(r["peak"]) for r in rows])
     err = (pred - peak) / peak
     print(f"train: {len(list(train.iterdir()))} recordings (george, jackson, lucas); test: "
-          f"{len(list(test.iterdir()))} (nicolas); overrides: {' '.join(sys.argv[1:]) or 'none'}")
+          f"{len(list(test.iterdir()))} (nicolas); overrides: {' '.join(args) or 'none'}")
     print(f"result: {out.stdout.strip().splitlines()[-1]}")
     print(f"wall {wall / 60:.1f} min, CPU {(usage.ru_utime + usage.ru_stime) / 60:.1f} min (user + system, all processes)")
     print(f"memory: {len(rows)} tracked steps, predicted vs tracked peak: mean |error| {100 * np.abs(err).mean():.2f} %, "
           f"tracked above predicted by at most {100 * max(0.0, -err.min()):.2f} %, "
           f"predicted above tracked by at most {100 * err.max():.2f} %")
     print(f"best epochs: {[line for line in out.stderr.splitlines() if 'final model' in line][-1:]}")
+    if keep is not None:
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(exp, keep, symlinks=True)
+        (keep / "run.log").write_text(out.stderr)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
