@@ -51,14 +51,15 @@ def speechlike(seconds: float, rng: np.random.Generator) -> np.ndarray:
     return out + rng.normal(0, 0.003, n).astype(np.float32)
 
 
-def make_data(out: Path, model_dir: Path, n: int, files: int, n_valid: int, seed: int) -> dict:
+def make_data(out: Path, model_dir: Path, n: int, files: int, n_valid: int, seed: int, median_s: float = 5.0,
+              max_s: float = 60.0) -> dict:
     rng = np.random.default_rng(seed)
     wav = out / "wav"
     wav.mkdir(parents=True, exist_ok=True)
     # clip durations at the log-normal's quantiles: rows drawing clips uniformly are heavy-tailed the same way
     q = (np.arange(files) + 0.5) / files
     from statistics import NormalDist
-    seconds = np.clip(np.exp(np.log(5.0) + 0.8 * np.array([NormalDist().inv_cdf(x) for x in q])), 0.5, 60.0)
+    seconds = np.clip(np.exp(np.log(median_s) + 0.8 * np.array([NormalDist().inv_cdf(x) for x in q])), 0.5, max_s)
     paths = []
     for i, s in enumerate(seconds):
         p = wav / f"clip{i:04d}.wav"
