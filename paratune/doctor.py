@@ -104,7 +104,7 @@ def parse_funasr(text: str, parsed: Parsed | None = None, offset: int = 0) -> Pa
         rank_m = RANK.search(line)
         rank = next((int(g) for g in rank_m.groups() if g is not None), None) if rank_m else None
         tag_m = TAG.search(line)
-        tag = (tag_m.group(1) or tag_m.group(2)) if tag_m else ("train" if line.startswith("epoch:") else "train")
+        tag = (tag_m.group(1) or tag_m.group(2)) if tag_m else "train"  # untagged pastes are train lines
         step_m, batch_m = STEP.search(line), BATCH.search(line)
         step = int(step_m.group(1)) if step_m else None
         batch = int(batch_m.group(1)) if batch_m else None
@@ -252,13 +252,11 @@ def _healthy_evidence(p: Parsed) -> str:
 
 def diagnose_csv(path: Path) -> tuple[list[dict], int]:
     """paratune's memory.csv: its own detectors, replayed."""
-    from paratune.train.monitor import MemoryMonitor
-    with open(path, newline="") as f:
-        n = sum(1 for _ in f) - 1
-    monitor = MemoryMonitor.replay(path, window=min(50, max(10, n // 2)))
-    s = monitor.samples
+    from paratune.train.monitor import MemoryMonitor, read_csv
+    s = read_csv(path)
     if not s:
         return [_finding("no_memory_data", f"{path}: a memory.csv header without rows")], 0
+    monitor = MemoryMonitor.replay(s, window=min(50, max(10, len(s) // 2)))
     findings = [_finding(kind, text) for kind, text in monitor.findings.items()]
     peak = max(x.peak for x in s)
     budget = s[-1].budget

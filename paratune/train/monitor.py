@@ -51,6 +51,12 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def read_csv(path: Path) -> list[Sample]:
+    """A memory.csv written by MemoryMonitor, as samples."""
+    with open(path, newline="") as f:
+        return [Sample(**{k: int(float(r[k])) for k in FIELDS}) for r in csv.DictReader(f)]
+
+
 class MemoryMonitor:
     def __init__(self, out_dir: Path | None, budget: int, device: torch.device, window: int = 50,
                  tensorboard: bool = True, log=print):
@@ -76,12 +82,11 @@ class MemoryMonitor:
                 except ImportError:
                     pass
         self.empty_cache_calls = 0
+        self._quiet_until: dict[str, int] = {}  # detector -> first step it may speak again
 
     @classmethod
-    def replay(cls, path: Path, window: int = 50, log=lambda line: None) -> "MemoryMonitor":
-        """The detectors run over a recorded memory.csv (CUDA figures when it has reserved bytes)."""
-        with open(path, newline="") as f:
-            rows = [Sample(**{k: int(float(r[k])) for k in FIELDS}) for r in csv.DictReader(f)]
+    def replay(cls, rows: list[Sample], window: int = 50, log=lambda line: None) -> "MemoryMonitor":
+        """The detectors run over recorded samples (`read_csv`; CUDA figures when they have reserved bytes)."""
         cuda = any(r.reserved for r in rows)
         monitor = cls(None, rows[0].budget if rows else 0, torch.device("cuda" if cuda else "cpu"), window, log=log)
         for r in rows:
@@ -116,6 +121,13 @@ class MemoryMonitor:
         return sample
 
     # -- detectors
+    def _due(self, kind: str, step: int) -> bool:
+        """One line per hundred steps from a per-step detector, not one per batch."""
+        if step < self._quiet_until.get(kind, 0):
+            return False
+        self._quiet_until[kind] = step + 100
+        return True
+
     def _say(self, kind: str, text: str) -> None:
         if self.findings.get(kind) != text:
             self.findings[kind] = text
@@ -123,8 +135,7 @@ class MemoryMonitor:
 
     def _detect(self, s: Sample) -> None:
         recent = self.samples[-self.window:]
-        if s.predicted and s.peak > 1.10 * s.predicted and s.step >= getattr(self, "_quiet_until", 0):
-            self._quiet_until = s.step + 100  # one line per hundred steps, not one per batch
+        if s.predicted and s.peak > 1.10 * s.predicted and self._due("outlier_batch", s.step):
             self._say("outlier_batch", f"step {s.step} (B={s.batch}, T={s.frames}, U={s.tokens}) peaked at "
                                        f"{s.peak / 2**30:.2f} GiB, {100 * (s.peak / s.predicted - 1):.0f} % over the "
                                        f"predicted {s.predicted / 2**30:.2f} GiB: recalibrate (paratune plan --calibrate)"
@@ -144,8 +155,7 @@ class MemoryMonitor:
             needed = max(r.peak for r in recent)
             gap = s.reserved - needed
             if ((gap > max(0.10 * needed, 2**28)) or s.retries > recent[0].retries) and \
-                    s.step >= getattr(self, "_frag_quiet_until", 0):
-                self._frag_quiet_until = s.step + 100
+                    self._due("fragmentation", s.step):
                 self._say("fragmentation", f"the allocator holds {s.reserved / 2**30:.2f} GiB, {gap / 2**30:.2f} GiB "
                                            f"more than the largest step of the last {len(recent)} needed "
                                            f"({needed / 2**30:.2f} GiB); {s.retries} allocator retries: changing "

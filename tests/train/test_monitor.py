@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from paratune.memory.tracker import PeakMemory
-from paratune.train.monitor import MemoryMonitor
+from paratune.train.monitor import MemoryMonitor, read_csv
 from paratune.train.step import backward_batch, make_optimizer, optimizer_step
 from tests.train.test_guard import _batch, _deterministic_model
 
@@ -62,9 +62,9 @@ def test_fragmentation_is_found_in_a_recorded_h200_run():
     """Real CUDA allocator figures: random batch shapes without expandable segments fragment the cache;
     the epoch with paratune's defaults is healthy (the cache holds the largest step's peak and no more)."""
     lines = []
-    fragmented = MemoryMonitor.replay(DATA / "h200_fragmented_memory.csv", log=lines.append)
+    fragmented = MemoryMonitor.replay(read_csv(DATA / "h200_fragmented_memory.csv"), log=lines.append)
     assert set(fragmented.findings) == {"fragmentation"}, fragmented.findings
     assert "expandable_segments:True" in fragmented.findings["fragmentation"]
     assert len(lines) <= 2  # rate-limited: one line per hundred steps
-    healthy = MemoryMonitor.replay(DATA / "h200_epoch_memory.csv")
+    healthy = MemoryMonitor.replay(read_csv(DATA / "h200_epoch_memory.csv"))
     assert healthy.findings == {}, healthy.findings
