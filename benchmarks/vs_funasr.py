@@ -1,6 +1,6 @@
 """FunASR's own trainer and `paratune finetune` on the same manifest, model and epochs (CPU).
 
-    python benchmarks/vs_funasr.py --out /tmp/vs [--utterances 400] [--batch-size 2000] [--share 0.6]
+    python benchmarks/vs_funasr.py --out /tmp/vs [--utterances 400] [--batch-size 4000] [--share 0.6]
 
 1. A manifest of `--utterances` synthetic speech-like clips (benchmarks/gpu_epoch.py's generator:
    log-normal durations, median 2.5 s here, clipped to 0.5-20 s) with transcripts from the bundled demo
@@ -34,6 +34,22 @@ MODEL = ROOT / "paratune" / "assets" / "demo_model"
 sys.path.insert(0, str(ROOT))
 
 
+class Recorder:
+    """Each training forward's time and batch lengths (LFR frames), the same for both trainers."""
+
+    def __init__(self):
+        self.record = {"steps": [], "batch_frames": [], "batch_padded": []}
+
+    def note(self, lengths) -> None:
+        self.record["steps"].append(time.time())
+        self.record["batch_frames"].append(int(lengths.sum()))
+        self.record["batch_padded"].append(int(lengths.max()) * int(lengths.numel()))
+
+    def save(self, path: Path, **extra) -> None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        path.write_text(json.dumps({**self.record, "rss": rss, **extra}))
+
+
 # ------------------------------------------------------------------ FunASR, in its own process
 def run_funasr(args) -> None:
     import torch
@@ -46,23 +62,16 @@ def run_funasr(args) -> None:
     trainer_ds.Trainer.device = property(lambda self: "cpu", lambda self, value: None)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    record = {"steps": [], "batch_frames": [], "batch_padded": []}
-    tracker = None
+    recorder, tracker = Recorder(), None
     if args.track:
         from paratune.memory.tracker import PeakMemory
 
-    original_forward = None
-
     def wrap(model):
-        nonlocal original_forward
         original_forward = model.forward
 
-        def forward(*a, **kw):  # one call per training batch: note its shape and time
-            lengths = kw.get("speech_lengths")
-            if model.training and lengths is not None:
-                record["steps"].append(time.time())
-                record["batch_frames"].append(int(lengths.sum()))
-                record["batch_padded"].append(int(lengths.max()) * int(lengths.numel()))
+        def forward(*a, **kw):  # one call per training batch
+            if model.training and kw.get("speech_lengths") is not None:
+                recorder.note(kw["speech_lengths"])
             return original_forward(*a, **kw)
         model.forward = forward
 
@@ -92,12 +101,11 @@ def run_funasr(args) -> None:
     kwargs["optim"], kwargs["optim_conf"] = "adamw", {"lr": args.lr}
     kwargs["scheduler"], kwargs["scheduler_conf"] = "warmuplr", {"warmup_steps": 30}
     train_ds.main(**kwargs)
-    result = {**record, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    extra = {}
     if tracker is not None:
         tracker.__exit__(None, None, None)
-        result["tracked_peak"] = tracker.peak
-        result["tracked_now"] = tracker.current
-    (args.exp / "record.json").write_text(json.dumps(result))
+        extra = {"tracked_peak": tracker.peak, "tracked_now": tracker.current}
+    recorder.save(args.exp / "record.json", **extra)
 
 
 # ------------------------------------------------------------------ paratune, in its own process
@@ -107,38 +115,32 @@ def run_paratune(args, cmd: list[str]) -> None:
     from paratune.cli import main as paratune_main
     from paratune.model.paraformer import Paraformer
 
-    torch.set_num_threads(args.threads)
-
-    record = {"steps": [], "batch_frames": [], "batch_padded": []}
-    original = Paraformer.forward
-
     from torch._subclasses.fake_tensor import FakeTensor
+
+    torch.set_num_threads(args.threads)
+    recorder, original = Recorder(), Paraformer.forward
 
     def forward(self, speech, speech_lengths, *a, **kw):
         if self.training and not isinstance(speech_lengths, FakeTensor):  # not the memory model's fake steps
-            record["steps"].append(time.time())
-            record["batch_frames"].append(int(speech_lengths.sum()))
-            record["batch_padded"].append(int(speech_lengths.max()) * int(speech_lengths.numel()))
+            recorder.note(speech_lengths)
         return original(self, speech, speech_lengths, *a, **kw)
     Paraformer.forward = forward
     code = paratune_main(cmd)
     if code:
         raise SystemExit(code)
-    record["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    (args.exp / "record.json").write_text(json.dumps(record))
+    recorder.save(args.exp / "record.json")
 
 
 # ------------------------------------------------------------------ the comparison
-def child(cmd: list[str], log: Path, exp: Path) -> tuple[int, int]:
-    """Run in a fresh output folder (FunASR resumes from what it finds there); return (exit status,
-    peak RSS of the largest child so far, in bytes)."""
+def child(cmd: list[str], log: Path, exp: Path) -> int:
+    """Run in a fresh output folder (FunASR resumes from what it finds there); the exit status."""
     import shutil
     shutil.rmtree(exp, ignore_errors=True)
     exp.mkdir(parents=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return proc.returncode
 
 
 def main(argv=None) -> int:
@@ -171,11 +173,11 @@ def main(argv=None) -> int:
             "--threads", str(args.threads),
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--run-funasr"]
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data": data, "cpus": os.cpu_count()}
-    rc, _ = child(base + ["--exp", str(out / "funasr_time")], out / "funasr_time.log", out / "funasr_time")
+    rc = child(base + ["--exp", str(out / "funasr_time")], out / "funasr_time.log", out / "funasr_time")
     if rc:
         print((out / "funasr_time.log").read_text()[-3000:])
         return 1
-    rc, _ = child(base + ["--exp", str(out / "funasr_mem"), "--track"], out / "funasr_mem.log", out / "funasr_mem")
+    rc = child(base + ["--exp", str(out / "funasr_mem"), "--track"], out / "funasr_mem.log", out / "funasr_mem")
     if rc:
         print((out / "funasr_mem.log").read_text()[-3000:])
         return 1
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
                f"++train_conf.max_epoch={args.epochs}", "++train_conf.log_interval=10", f"++optim_conf.lr={args.lr}",
                "++scheduler_conf.warmup_steps=30", "++dataset_conf.num_workers=2", "++train_conf.keep_nbest_models=1",
                "++train_conf.save_checkpoint_interval=0", *extra]
-        rc, _ = child([sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--exp", str(exp),
+        rc = child([sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--exp", str(exp),
                        "--threads", str(args.threads),
                        "--run-paratune", *cmd], out / f"paratune_{tag}.log", exp)
         if rc:
