@@ -185,17 +185,25 @@ class Espeak:
         return np.concatenate(self._chunks).astype(np.float32) / 32768.0
 
 
-def render(tts: Espeak, text: str, rng: random.Random, variant: str | None = None) -> tuple[np.ndarray, str]:
-    """One randomised rendering at 16 kHz: voice variant, speed, pitch, range, silence, noise, gain."""
-    variant = variant or rng.choice(VARIANTS)
-    rate, pitch, prange = rng.randint(120, 210), rng.randint(25, 75), rng.randint(30, 90)
-    x = tts.synth(text + "。", f"cmn+{variant}", rate, pitch, prange, seed=rng.getrandbits(31))
+def speak(tts: Espeak, text: str, rng: random.Random, variant: str, rate: tuple[int, int] = (120, 210),
+          lead: tuple[float, float] = (0.1, 0.35), gain: tuple[float, float] = (0.3, 0.9)):
+    """`text` spoken at a random speed, pitch and range, trimmed, at 16 kHz, between random silences,
+    scaled to a random peak. Returns the samples, the lead and tail silences (samples) and the prosody."""
+    rate_, pitch, prange = rng.randint(*rate), rng.randint(25, 75), rng.randint(30, 90)
+    x = tts.synth(text + "。", f"cmn+{variant}", rate_, pitch, prange, seed=rng.getrandbits(31))
     voiced = np.flatnonzero(np.abs(x) > 1e-3)
     x = x[voiced[0]: voiced[-1] + 1] if voiced.size else x
     x = resample(x, tts.sample_rate, FS)
-    lead, tail = (int(rng.uniform(0.1, 0.35) * FS) for _ in range(2))
-    x = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(tail, np.float32)])
-    x = x / max(1e-6, float(np.abs(x).max())) * rng.uniform(0.3, 0.9)
+    head, tail = (int(rng.uniform(*lead) * FS) for _ in range(2))
+    x = np.concatenate([np.zeros(head, np.float32), x, np.zeros(tail, np.float32)])
+    x = x / max(1e-6, float(np.abs(x).max())) * rng.uniform(*gain)
+    return x, head, tail, (rate_, pitch, prange)
+
+
+def render(tts: Espeak, text: str, rng: random.Random, variant: str | None = None) -> tuple[np.ndarray, str]:
+    """One randomised rendering at 16 kHz: voice variant, speed, pitch, range, silence, noise, gain."""
+    variant = variant or rng.choice(VARIANTS)
+    x, _, _, (rate, pitch, prange) = speak(tts, text, rng, variant)
     noise_db = rng.uniform(-65, -45)  # a noise floor: no digital silence, so dither makes no difference
     x = x + np.random.default_rng(rng.getrandbits(32)).standard_normal(x.shape[0]).astype(np.float32) * (
         10 ** (noise_db / 20))

@@ -24,7 +24,7 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo_model import FS, Espeak, make_sentences, resample  # noqa: E402
+from make_demo_model import Espeak, make_sentences, speak, FS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "paratune" / "assets" / "finetune"
@@ -32,14 +32,7 @@ VARIANTS = ["grandpa", "aunty", "m8", "f5"]
 
 
 def render(tts: Espeak, text: str, rng: random.Random, variant: str) -> tuple[np.ndarray, str]:
-    rate, pitch, prange = rng.randint(250, 300), rng.randint(25, 75), rng.randint(30, 90)
-    x = tts.synth(text + "。", f"cmn+{variant}", rate, pitch, prange, seed=rng.getrandbits(31))
-    voiced = np.flatnonzero(np.abs(x) > 1e-3)
-    x = x[voiced[0]: voiced[-1] + 1] if voiced.size else x
-    x = resample(x, tts.sample_rate, FS)
-    lead, tail = (int(rng.uniform(0.1, 0.3) * FS) for _ in range(2))
-    x = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(tail, np.float32)])
-    x = x / max(1e-6, float(np.abs(x).max())) * rng.uniform(0.4, 0.8)
+    x, lead, tail, (rate, _, _) = speak(tts, text, rng, variant, rate=(250, 300), lead=(0.1, 0.3), gain=(0.4, 0.8))
     snr = rng.uniform(15, 25)
     power = float(np.mean(x[lead:len(x) - tail] ** 2))
     noise = np.random.default_rng(rng.getrandbits(32)).standard_normal(len(x)).astype(np.float32)
