@@ -294,9 +294,8 @@ def doctor(paths: list[Path], gpu_memory: float | None = None) -> dict:
         else:
             parse_funasr(text, funasr, offset=funasr.lines)
     findings = list(csv_findings)
-    if funasr.lines or not csv_rows:
-        if funasr.lines or not errors:
-            findings += diagnose_funasr(funasr, gpu_memory)
+    if funasr.lines or not (csv_rows or errors):  # FunASR lines, or nothing at all that was readable
+        findings += diagnose_funasr(funasr, gpu_memory)
     if len({f["kind"] for f in findings}) > 1:
         findings = [f for f in findings if f["kind"] not in ("healthy", "no_memory_data")] or findings
     ranks = sorted({r.rank for r in funasr.records if r.rank is not None})
