@@ -1,10 +1,10 @@
 """The FSDD recipe end to end: train on three speakers, WER on the fourth, and how well the memory
 model predicted each tracked training step.
 
-    python benchmarks/fsdd_recipe.py [--keep DIR] [++key=value ...]
+    python benchmarks/fsdd_recipe.py [--keep DIR] [--test-speaker NAME] [++key=value ...]
 
 Links george, jackson and lucas's recordings (../shared/data/fsdd) into a training folder and nicolas's
-into a test folder, runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`), and prints
+into a test folder (`--test-speaker` holds out another of the four instead), runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`), and prints
 the WER it reports, wall and CPU time, and from EXP/memory.csv the error of the predicted peak against
 the tracked peak of every recorded step. `--keep DIR` keeps the experiment folder (data, logs, final
 model) in DIR instead of deleting it.
@@ -28,15 +28,21 @@ FSDD = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "dat
 
 
 def main() -> None:
-    args, keep = sys.argv[1:], None
-    if args[:1] == ["--keep"] and len(args) > 1:
-        keep, args = Path(args[1]), args[2:]
+    args, keep, held_out = sys.argv[1:], None, "nicolas"
+    while args[:1] in (["--keep"], ["--test-speaker"]) and len(args) > 1:
+        if args[0] == "--keep":
+            keep = Path(args[1])
+        else:
+            held_out = args[1]
+        args = args[2:]
     tmp = Path(tempfile.mkdtemp())
     train, test = tmp / "train", tmp / "test"
     train.mkdir()
     test.mkdir()
     for p in sorted(FSDD.glob("*.wav")):
-        (test if p.stem.split("_")[1] == "nicolas" else train).joinpath(p.name).symlink_to(p)
+        (test if p.stem.split("_")[1] == held_out else train).joinpath(p.name).symlink_to(p)
+    if not any(test.iterdir()):
+        raise SystemExit(f"no recordings of speaker {held_out!r} in {FSDD}")
     exp = tmp / "exp"
     env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PARATUNE_CACHE": str(tmp / "cache")}
     start = time.perf_counter()
@@ -50,8 +56,9 @@ def main() -> None:
     pred = np.array([float(r["predicted"]) for r in rows])
     peak = np.array([float(r["peak"]) for r in rows])
     err = (pred - peak) / peak
-    print(f"train: {len(list(train.iterdir()))} recordings (george, jackson, lucas); test: "
-          f"{len(list(test.iterdir()))} (nicolas); overrides: {' '.join(args) or 'none'}")
+    speakers = sorted({p.name.split("_")[1] for p in train.iterdir()})
+    print(f"train: {len(list(train.iterdir()))} recordings ({', '.join(speakers)}); test: "
+          f"{len(list(test.iterdir()))} ({held_out}); overrides: {' '.join(args) or 'none'}")
     print(f"result: {out.stdout.strip().splitlines()[-1]}")
     print(f"wall {wall / 60:.1f} min, CPU {(usage.ru_utime + usage.ru_stime) / 60:.1f} min (user + system, all processes)")
     print(f"memory: {len(rows)} tracked steps, predicted vs tracked peak: mean |error| {100 * np.abs(err).mean():.2f} %, "
