@@ -11,7 +11,8 @@ def spec_augment(feats: torch.Tensor, gen: torch.Generator, n_mels: int = 80, lf
     feats = feats.clone()
     t = feats.shape[0]
     view = feats.view(t, lfr_m, n_mels)
-    w = int(torch.randint(0, max_freq + 1, (1,), generator=gen))
+    # a model with fewer mel bins than max_freq (a small recipe's n_mels: 24) masks at most all of them
+    w = int(torch.randint(0, min(max_freq, n_mels) + 1, (1,), generator=gen))
     if w:
         f0 = int(torch.randint(0, n_mels - w + 1, (1,), generator=gen))
         view[:, :, f0:f0 + w] = 0.0
