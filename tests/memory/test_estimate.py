@@ -145,3 +145,38 @@ def test_spawned_tracers_trace_as_forked_ones(config, monkeypatch):
     spawned = tracer.trace_many(shapes, workers=2)
     for a, b, c in zip(here, forked, spawned):
         assert a.peak == b.peak == c.peak and a.stages == b.stages == c.stages
+
+
+def test_cuda_steps_keep_dropout_masks_as_bytes(config):
+    """CUDA's fused dropout saves a bool mask, the CPU a float one: 4x the bytes in fp32. Traced the CPU
+    way, a CUDA step of paraformer-large came out 21-24 % too high on an H200 (BENCHMARKS.md)."""
+    import torch
+    import torch.nn.functional as F
+
+    from paratune.memory.trace import cuda_kernels
+
+    def saved(fn):
+        out = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: out.append(t) or t, lambda t: t):
+            fn(torch.randn(64, 32, requires_grad=True), 0.1, True)
+        return [(t.dtype, t.numel()) for t in out]
+
+    assert (torch.float32, 64 * 32) in saved(F.dropout)
+    with cuda_kernels():
+        assert saved(F.dropout) == [(torch.bool, 64 * 32)]
+        x = torch.randn(8)
+        assert F.dropout(x, 0.1, False) is x and F.dropout(x, 0.0, True) is x
+    assert F.dropout is torch.nn.functional.dropout and "fused" not in F.dropout.__name__
+
+    # a whole step: what dropout (not attention's, which the CUDA kernel draws inside) adds to the peak
+    # shrinks when traced for CUDA: its output costs the same, its mask a quarter
+    def with_dropout(rate):
+        return {**config, "encoder_conf": {**config["encoder_conf"], "dropout_rate": rate, "attention_dropout_rate": 0.0},
+                "decoder_conf": {**config["decoder_conf"], "dropout_rate": rate, "src_attention_dropout_rate": 0.0,
+                                 "self_attention_dropout_rate": 0.0}}
+    added = {}
+    for device in ("cpu", "cuda"):
+        options = StepOptions(device=device)
+        added[device] = (StepTracer(with_dropout(0.1), 100, 560, options).trace(4, 300, 20).peak
+                         - StepTracer(with_dropout(0.0), 100, 560, options).trace(4, 300, 20).peak)
+    assert added["cuda"] > 0 and added["cuda"] < 0.6 * added["cpu"], added
