@@ -4,10 +4,12 @@ model predicted each tracked training step.
     python benchmarks/fsdd_recipe.py [--keep DIR] [--test-speaker NAME] [++key=value ...]
 
 Links george, jackson and lucas's recordings (../shared/data/fsdd) into a training folder and nicolas's
-into a test folder (`--test-speaker` holds out another of the four instead), runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`), and prints
-the WER it reports, wall and CPU time, and from EXP/memory.csv the error of the predicted peak against
-the tracked peak of every recorded step. `--keep DIR` keeps the experiment folder (data, logs, final
-model) in DIR instead of deleting it.
+into a test folder (`--test-speaker` holds out another of the four instead; `--test-speaker none` holds
+out no voice: FSDD's own split, recordings 0-4 of every speaker for the test, the rest for training),
+runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`), and prints the WER it reports,
+wall and CPU time, and from EXP/memory.csv the error of the predicted peak against the tracked peak of
+every recorded step. `--keep DIR` keeps the experiment folder (data, logs, final model) in DIR instead
+of deleting it.
 """
 from __future__ import annotations
 
@@ -40,7 +42,9 @@ def main() -> None:
     train.mkdir()
     test.mkdir()
     for p in sorted(FSDD.glob("*.wav")):
-        (test if p.stem.split("_")[1] == held_out else train).joinpath(p.name).symlink_to(p)
+        _, speaker, index = p.stem.split("_")
+        in_test = int(index) < 5 if held_out == "none" else speaker == held_out
+        (test if in_test else train).joinpath(p.name).symlink_to(p)
     if not any(test.iterdir()):
         raise SystemExit(f"no recordings of speaker {held_out!r} in {FSDD}")
     exp = tmp / "exp"
@@ -57,8 +61,9 @@ def main() -> None:
     peak = np.array([float(r["peak"]) for r in rows])
     err = (pred - peak) / peak
     speakers = sorted({p.name.split("_")[1] for p in train.iterdir()})
+    tested = "recordings 0-4 of every speaker" if held_out == "none" else held_out
     print(f"train: {len(list(train.iterdir()))} recordings ({', '.join(speakers)}); test: "
-          f"{len(list(test.iterdir()))} ({held_out}); overrides: {' '.join(args) or 'none'}")
+          f"{len(list(test.iterdir()))} ({tested}); overrides: {' '.join(args) or 'none'}")
     print(f"result: {out.stdout.strip().splitlines()[-1]}")
     print(f"wall {wall / 60:.1f} min, CPU {(usage.ru_utime + usage.ru_stime) / 60:.1f} min (user + system, all processes)")
     print(f"memory: {len(rows)} tracked steps, predicted vs tracked peak: mean |error| {100 * np.abs(err).mean():.2f} %, "
