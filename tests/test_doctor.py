@@ -120,9 +120,10 @@ def test_unreadable_input_says_so_without_a_traceback(tmp_path, capsys):
 def test_paratune_memory_csv_recorded_on_an_h200(capsys):
     code, report = _json(capsys, DATA / "h200_fragmented_memory.csv")
     assert [f["kind"] for f in report["findings"]] == ["fragmentation"]
-    code, report = _json(capsys, DATA / "h200_epoch_memory.csv")
-    assert [f["kind"] for f in report["findings"]] == ["healthy"]
-    assert "of the 125.82 GiB budget" in report["findings"][0]["evidence"]
+    for name in ("h200_epoch_memory.csv", "h200_epoch_memory_v3.csv"):
+        code, report = _json(capsys, DATA / name)
+        assert [f["kind"] for f in report["findings"]] == ["healthy"], name
+        assert "of the 125.82 GiB budget" in report["findings"][0]["evidence"]
 
 
 def test_paratune_memory_csv_with_a_deliberate_leak(tmp_path, capsys):

@@ -66,5 +66,6 @@ def test_fragmentation_is_found_in_a_recorded_h200_run():
     assert set(fragmented.findings) == {"fragmentation"}, fragmented.findings
     assert "expandable_segments:True" in fragmented.findings["fragmentation"]
     assert len(lines) <= 2  # rate-limited: one line per hundred steps
-    healthy = MemoryMonitor.replay(read_csv(DATA / "h200_epoch_memory.csv"))
-    assert healthy.findings == {}, healthy.findings
+    for name in ("h200_epoch_memory.csv", "h200_epoch_memory_v3.csv"):
+        healthy = MemoryMonitor.replay(read_csv(DATA / name))
+        assert healthy.findings == {}, (name, healthy.findings)
