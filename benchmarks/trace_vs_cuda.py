@@ -21,11 +21,10 @@ import time
 
 import torch
 
-from paratune.memory.calibrate import _real_batch
-from paratune.memory.trace import PRECISIONS, StepOptions, StepTracer
+from paratune.memory.calibrate import cuda_peaks, real_batch, real_stepper
+from paratune.memory.trace import StepOptions, StepTracer
 from paratune.memory.tracker import PeakMemory
 from paratune.modeldir import read_model_dir
-from paratune.train.step import make_optimizer, train_step
 
 GIB = 2 ** 30
 
@@ -33,24 +32,11 @@ GIB = 2 ** 30
 def real_steps(spec, options: StepOptions, shapes) -> list[dict]:
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    model = spec.build().to(dev).train()
-    optimizer = make_optimizer(model, name=options.optimizer)
-    scaler = torch.amp.GradScaler("cuda") if options.precision == "fp16" else None
-
-    def step(batch):  # the real kernels: sdpa picks its own
-        train_step(model, optimizer, batch, grad_clip=options.grad_clip,
-                   autocast_dtype=PRECISIONS[options.precision], scaler=scaler, return_stats=False)
-
-    step(_real_batch(1, 16, 2, spec.input_size, spec.vocab_size, dev))  # optimizer state
+    model, optimizer, step = real_stepper(spec, options, dev)  # the real kernels: sdpa picks its own
     rows = []
     for b, t, u in shapes:
-        batch = _real_batch(b, t, u, spec.input_size, spec.vocab_size, dev)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        step(batch)  # untracked: the allocator's own figure
-        torch.cuda.synchronize()
-        allocated = torch.cuda.max_memory_allocated()
+        batch = real_batch(spec, b, t, u, dev)
+        allocated, _ = cuda_peaks(step, batch, dev)  # untracked: the allocator's own figure
         with PeakMemory(model, optimizer, cuda_blocks=True) as tracker:
             step(batch)
         torch.cuda.synchronize()

@@ -22,19 +22,17 @@ from paratune.modeldir import ModelSpec
 from paratune.train.step import make_optimizer, train_step
 
 
-def _real_batch(b, t, u, input_size, vocab, device):
-    batch = fake_batch(b, t, u, input_size, vocab)
-    batch["speech"] = torch.randn(b, t, input_size)
-    batch["text"] = torch.randint(1, vocab, (b, u))
+def real_batch(spec: ModelSpec, b: int, t: int, u: int, device) -> dict:
+    """Random inputs of the padded shape (B, T, U) on `device`."""
+    batch = fake_batch(b, t, u, spec.input_size, spec.vocab_size)
+    batch["speech"] = torch.randn(b, t, spec.input_size)
+    batch["text"] = torch.randint(1, spec.vocab_size, (b, u))
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes, device: str = "cuda",
-              seed: int = 0) -> dict:
-    """Run real training steps at `shapes` [(B, T, U)] on `device`; return the measured figures and the
-    ratios to the prediction, for `MemoryModel.calibration`."""
-    dev = torch.device(device)
-    torch.manual_seed(seed)
+def real_stepper(spec: ModelSpec, options: StepOptions, dev: torch.device):
+    """The model on `dev` with `options` applied, its optimizer and `step(batch)`, one training step as
+    the trainer runs it. A first small step has created the optimizer state, as in a long run."""
     model = spec.build().to(dev).train()
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in options.frozen):
@@ -49,20 +47,33 @@ def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes
                    autocast_dtype=PRECISIONS[options.precision], scaler=scaler, return_stats=False,
                    keep_grads=options.ddp)
 
-    step(_real_batch(1, 16, 2, spec.input_size, spec.vocab_size, dev))  # creates the optimizer state
+    step(real_batch(spec, 1, 16, 2, dev))
+    return model, optimizer, step
+
+
+def cuda_peaks(step, batch, dev: torch.device) -> tuple[int, int]:
+    """(max allocated, max reserved) bytes of one step on a GPU, from an empty cache: otherwise the cache
+    still holds the previous shape's blocks and max_memory_reserved reports them."""
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    step(batch)
+    torch.cuda.synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
+
+
+def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes, device: str = "cuda",
+              seed: int = 0) -> dict:
+    """Run real training steps at `shapes` [(B, T, U)] on `device`; return the measured figures and the
+    ratios to the prediction, for `MemoryModel.calibration`."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model, optimizer, step = real_stepper(spec, options, dev)
     rows = []
     for b, t, u in shapes:
-        batch = _real_batch(b, t, u, spec.input_size, spec.vocab_size, dev)
+        batch = real_batch(spec, b, t, u, dev)
         if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            # the cache still holds the previous shape's blocks: without emptying it, max_memory_reserved
-            # reports them, not what this shape needs
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-            step(batch)
-            torch.cuda.synchronize(dev)
-            allocated = torch.cuda.max_memory_allocated(dev)
-            reserved = torch.cuda.max_memory_reserved(dev)
+            allocated, reserved = cuda_peaks(step, batch, dev)
         else:
             with PeakMemory(model, optimizer) as tracker:
                 step(batch)
