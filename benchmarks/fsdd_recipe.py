@@ -1,7 +1,7 @@
 """The FSDD recipe end to end: train on three speakers, WER on the fourth, and how well the memory
 model predicted each tracked training step.
 
-    python benchmarks/fsdd_recipe.py [--keep DIR] [--test-speaker NAME] [++key=value ...]
+    python benchmarks/fsdd_recipe.py [--keep DIR] [--test-speaker NAME] [--set KEY=VALUE ...] [++key=value ...]
 
 Links george, jackson and lucas's recordings (../shared/data/fsdd) into a training folder and nicolas's
 into a test folder (`--test-speaker` holds out another of the four instead; `--test-speaker none` holds
@@ -9,7 +9,8 @@ out no voice: FSDD's own split, recordings 0-4 of every speaker for the test, th
 runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`), and prints the WER it reports,
 wall and CPU time, and from EXP/memory.csv the error of the predicted peak against the tracked peak of
 every recorded step. `--keep DIR` keeps the experiment folder (data, logs, final model) in DIR instead
-of deleting it.
+of deleting it. `--set frontend_conf.lfr_n=6` (repeatable) runs a copy of the recipe whose model
+`config.yaml` has that value: for what `++` overrides cannot change (the frontend, the model's sizes).
 """
 from __future__ import annotations
 
@@ -24,20 +25,36 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "fsdd"
 
 
 def main() -> None:
-    args, keep, held_out = sys.argv[1:], None, "nicolas"
-    while args[:1] in (["--keep"], ["--test-speaker"]) and len(args) > 1:
+    args, keep, held_out, edits = sys.argv[1:], None, "nicolas", []
+    while args[:1] in (["--keep"], ["--test-speaker"], ["--set"]) and len(args) > 1:
         if args[0] == "--keep":
             keep = Path(args[1])
+        elif args[0] == "--set":
+            edits.append(args[1])
         else:
             held_out = args[1]
         args = args[2:]
     tmp = Path(tempfile.mkdtemp())
+    recipe = ROOT / "examples" / "fsdd"
+    if edits:
+        recipe = tmp / "recipe"
+        shutil.copytree(ROOT / "examples" / "fsdd", recipe)
+        config = yaml.safe_load((recipe / "model" / "config.yaml").read_text())
+        for edit in edits:
+            key, _, value = edit.partition("=")
+            *path, last = key.split(".")
+            node = config
+            for k in path:
+                node = node.setdefault(k, {})
+            node[last] = yaml.safe_load(value)
+        (recipe / "model" / "config.yaml").write_text(yaml.safe_dump(config))
     train, test = tmp / "train", tmp / "test"
     train.mkdir()
     test.mkdir()
@@ -50,7 +67,7 @@ def main() -> None:
     exp = tmp / "exp"
     env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PARATUNE_CACHE": str(tmp / "cache")}
     start = time.perf_counter()
-    out = subprocess.run(["bash", str(ROOT / "examples" / "fsdd" / "run.sh"), str(train), str(test), str(exp),
+    out = subprocess.run(["bash", str(recipe / "run.sh"), str(train), str(test), str(exp),
                           *args], env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -63,7 +80,8 @@ def main() -> None:
     speakers = sorted({p.name.split("_")[1] for p in train.iterdir()})
     tested = "recordings 0-4 of every speaker" if held_out == "none" else held_out
     print(f"train: {len(list(train.iterdir()))} recordings ({', '.join(speakers)}); test: "
-          f"{len(list(test.iterdir()))} ({tested}); overrides: {' '.join(args) or 'none'}")
+          f"{len(list(test.iterdir()))} ({tested}); config edits: {' '.join(edits) or 'none'}; "
+          f"overrides: {' '.join(args) or 'none'}")
     print(f"result: {out.stdout.strip().splitlines()[-1]}")
     print(f"wall {wall / 60:.1f} min, CPU {(usage.ru_utime + usage.ru_stime) / 60:.1f} min (user + system, all processes)")
     print(f"memory: {len(rows)} tracked steps, predicted vs tracked peak: mean |error| {100 * np.abs(err).mean():.2f} %, "
