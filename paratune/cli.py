@@ -66,30 +66,53 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _read_plan_inputs(args):
+    """The budget, model directory, configuration (with --config, ++overrides and flags) and lengths."""
+    from paratune.data.manifest import read_lengths
+    from paratune.memory.plan import PlanError, parse_bytes
+    from paratune.modeldir import read_model_dir
+    from paratune.train.config import apply_flags, load_config
+
+    budget = parse_bytes(args.budget)
+    if args.world_size < 1:
+        raise PlanError(f"--world-size must be at least 1, got {args.world_size}")
+    if args.fsdp and args.world_size < 2:
+        raise PlanError("--fsdp shards over ranks: give --world-size 2 or more")
+    spec = read_model_dir(args.model)
+    config = apply_flags(load_config(spec.config, args.config, _overrides(args, ("data",))), vars(args))
+    fe = spec.frontend
+    lengths, errors = read_lengths(args.data, spec.tokenizer, fe.lfr_n, fe.frame_shift, fe.frame_length)
+    return budget, spec, config, lengths, errors
+
+
+def _overrides(args, path_args) -> list[str]:
+    """The `++a.b=c` overrides, also where argparse took one for a path (`--data x.jsonl ++a.b=c`)."""
+    from paratune.train.config import ConfigError
+    for name in path_args:
+        paths = getattr(args, name) or []
+        args.overrides += [str(p) for p in paths if str(p).startswith("++")]
+        setattr(args, name, [p for p in paths if not str(p).startswith("++")] or None)
+    bad = [o for o in args.overrides if not o.startswith("++")]
+    if bad:
+        raise ConfigError(f"unrecognized argument(s) {' '.join(bad)} (overrides look like ++train_conf.max_epoch=1)")
+    return args.overrides
+
+
 def _plan(args) -> int:
     import json
     import time
 
-    from paratune.data.manifest import read_lengths
     from paratune.memory.estimate import load_or_fit
-    from paratune.memory.plan import Limit, PlanError, make_plan, parse_bytes, summary, write_png
-    from paratune.memory.trace import StepOptions
-    from paratune.modeldir import ModelDirError, read_model_dir
+    from paratune.memory.plan import PlanError, make_plan, plan_run, summary, write_png
+    from paratune.modeldir import ModelDirError
+    from paratune.train.config import ConfigError
 
     start = time.perf_counter()
     try:
-        budget = parse_bytes(args.budget)
-        if args.world_size < 1:
-            raise PlanError(f"--world-size must be at least 1, got {args.world_size}")
-        if args.fsdp and args.world_size < 2:
-            raise PlanError("--fsdp shards over ranks: give --world-size 2 or more")
-        spec = read_model_dir(args.model)
-    except (PlanError, ModelDirError) as e:
+        budget, spec, config, lengths, errors = _read_plan_inputs(args)
+    except (PlanError, ModelDirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-
-    fe = spec.frontend
-    lengths, errors = read_lengths(args.data, spec.tokenizer, fe.lfr_n, fe.frame_shift, fe.frame_length)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if not len(lengths):
@@ -99,44 +122,24 @@ def _plan(args) -> int:
     _log(f"read {len(lengths)} utterances in {time.perf_counter() - start:.1f} s "
          f"(longest {lengths.seconds.max():.1f} s = {lengths.frames.max()} frames, "
          f"most tokens {lengths.tokens.max()})")
-    max_frames, max_tokens = int(lengths.frames.max()), int(lengths.tokens.max())
 
-    def limit_for(checkpointing: bool) -> Limit:
-        options = StepOptions(precision=args.precision, checkpointing=checkpointing, frozen=tuple(args.freeze),
-                              optimizer=args.optimizer, ddp=args.world_size > 1 and not args.fsdp,
-                              device=args.device)
+    def fit(options, max_frames, max_tokens):
         t0 = time.perf_counter()
         model, cached = load_or_fit(spec.config, spec.vocab_size, spec.input_size, options, max_frames,
                                     max_tokens, holdout=args.holdout, log=_log)
         if not cached and model.holdout:
             _log(f"fitted in {time.perf_counter() - t0:.1f} s; error on {len(model.holdout)} unseen shapes: "
                  f"worst {100 * model.worst_holdout_error:.2f} %")
-        if args.fsdp:
-            from paratune.memory.shard import shard_model
-            with __import__("torch").device("meta"):
-                model = shard_model(model, spec.build(), args.world_size)
-        return Limit(model, budget, args.device, args.margin)
+        return model
 
-    frame_seconds = fe.lfr_n * fe.frame_shift / 1000
-    packing = {"max_batch": args.max_batch, "seed": args.seed, "buffer_size": args.buffer_size,
-               "buckets": args.buckets, "costliest_first": args.costliest_first}
+    fe = spec.frontend
     try:
-        if args.checkpointing == "auto":
-            plan = make_plan(lengths, limit_for(False), frame_seconds, args.world_size, **packing)
-            if plan.excluded:
-                _log(f"{len(plan.excluded)} utterances do not fit without checkpointing; trying with it")
-                other = make_plan(lengths, limit_for(True), frame_seconds, args.world_size, **packing)
-                if len(other.excluded) < len(plan.excluded):
-                    other.notes.append(f"checkpointing is needed: without it {len(plan.excluded)} utterances "
-                                       f"do not fit, with it {len(other.excluded)}")
-                    plan = other
-        else:
-            plan = make_plan(lengths, limit_for(args.checkpointing == "on"), frame_seconds, args.world_size,
-                             **packing)
+        run = plan_run(spec, lengths, config, budget, args.device, args.world_size, fsdp=args.fsdp, fit=fit, log=_log)
+        plan = make_plan(run, lengths, fe.lfr_n * fe.frame_shift / 1000)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    if plan.excluded and args.precision == "fp32":
+    if plan.excluded and config["memory"]["precision"] == "fp32":
         plan.notes.append("bf16 autocast (--precision bf16) needs less activation memory and may fit them")
 
     if args.calibrate:
@@ -246,21 +249,23 @@ def _finetune(args) -> int:
     from paratune.data.prepare import PrepareError
     from paratune.memory.plan import PlanError, parse_bytes
     from paratune.modeldir import ModelDirError
-    from paratune.train.config import ConfigError
-    from paratune.train.finetune import finetune
+    from paratune.train.config import FLAGS, ConfigError
+    from paratune.train.distributed import DistributedError
+    from paratune.train.finetune import FinetuneOptions, finetune
 
     try:
-        args.budget = parse_bytes(args.budget) if args.budget else None
-        args.inject_oom = [int(x) for x in args.inject_oom.split(",") if x.strip()] if args.inject_oom else []
-        for name in ("train", "valid"):  # `--valid dev.jsonl ++a.b=c`: the override is no manifest
-            paths = getattr(args, name) or []
-            args.overrides += [str(p) for p in paths if str(p).startswith("++")]
-            setattr(args, name, [p for p in paths if not str(p).startswith("++")] or None)
-        bad = [o for o in args.overrides if not o.startswith("++")]
-        if bad:
-            raise ConfigError(f"unrecognized argument(s) {' '.join(bad)} (overrides look like ++train_conf.max_epoch=1)")
-        return finetune(args)
-    except (ConfigError, ModelDirError, PlanError, PrepareError, ValueError) as e:
+        overrides = _overrides(args, ("train", "valid"))
+        options = FinetuneOptions(
+            model=args.model, train=args.train, output=args.output, valid=args.valid,
+            budget=parse_bytes(args.budget) if args.budget else None, config=args.config, overrides=overrides,
+            flags={k: getattr(args, k) for k in FLAGS}, device=args.device, from_scratch=args.from_scratch,
+            resume=args.resume, fsdp=args.fsdp,
+            inject_oom=[int(x) for x in args.inject_oom.split(",") if x.strip()] if args.inject_oom else [],
+            inject_oom_rank=args.inject_oom_rank)
+        if not options.train:
+            raise ConfigError("--train: no manifest given")
+        return finetune(options)
+    except (ConfigError, ModelDirError, PlanError, PrepareError, DistributedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -269,7 +274,7 @@ def _eval(args) -> int:
     import torch
 
     from paratune.modeldir import ModelDirError, load_model
-    from paratune.train.finetune import load_split, validate
+    from paratune.train.validation import load_split, validate
 
     try:
         asr = load_model(args.model)
@@ -312,6 +317,29 @@ def _doctor(args) -> int:
     return EXIT_OK if report["findings"] else EXIT_FAILED  # no finding: no file could be read
 
 
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """The configuration flags `plan` and `finetune` share (paratune.train.config.FLAGS); unset, the
+    configuration decides (defaults < model config.yaml < --config < ++overrides < these)."""
+    p.add_argument("--config", type=Path, help="YAML with train_conf, optim_conf, scheduler_conf, dataset_conf, "
+                                               "memory, freeze, lora")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="memory.precision (default fp32)")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"],
+                   help="activation checkpointing of every block; auto (default): only if something does not "
+                        "fit without")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help="optim_conf.optimizer (default adamw)")
+    p.add_argument("--freeze", nargs="*", default=None, metavar="PREFIX",
+                   help="parameter-name prefixes not trained, e.g. encoder.")
+    p.add_argument("--margin", type=float, default=None,
+                   help="share of the budget kept free (default: the calibration, else 0.10 on cuda)")
+    p.add_argument("--max-batch", type=int, default=None, help="at most this many utterances per batch")
+    p.add_argument("--seed", type=int, default=None, help="train_conf.seed: the sampler's shuffle (default 0)")
+    p.add_argument("--buffer-size", type=int, default=None, help="utterances sorted together (default 20000)")
+    p.add_argument("--buckets", type=float, default=None, metavar="GROWTH",
+                   help="pad T up to geometric bucket lengths growing by GROWTH, e.g. 1.1 (default: no buckets)")
+    p.add_argument("--costliest-first", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each epoch with the costliest batch, so an OOM shows at once (default on)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paratune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -336,28 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="model directory (config.yaml, tokens, am.mvn)")
     p.add_argument("--data", required=True, type=Path, nargs="+", help="FunASR jsonl manifest(s)")
     p.add_argument("--budget", required=True, help="memory per device, e.g. 24GiB")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help="activation checkpointing of every block; auto: only if something does not fit without")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--freeze", nargs="*", default=[], metavar="PREFIX",
-                   help="parameter-name prefixes not trained, e.g. encoder.")
+    _config_flags(p)
     p.add_argument("--world-size", type=int, default=1, help="ranks; without --fsdp each keeps a DDP replica")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what the plan is for (default cuda)")
-    p.add_argument("--margin", type=float, default=None,
-                   help="share of the budget kept free (default: the calibration, else 0.10 on cuda)")
-    p.add_argument("--max-batch", type=int, default=None, help="at most this many utterances per batch")
-    p.add_argument("--seed", type=int, default=0, help="the sampler's shuffle seed (default 0)")
-    p.add_argument("--buffer-size", type=int, default=20_000, help="utterances sorted together (default 20000)")
-    p.add_argument("--buckets", type=float, default=None, metavar="GROWTH",
-                   help="pad T up to geometric bucket lengths growing by GROWTH, e.g. 1.1 (default: no buckets)")
-    p.add_argument("--costliest-first", action="store_true", help="start with the costliest batch (fail fast)")
     p.add_argument("--holdout", type=int, default=2, help="unseen shapes the fit is checked on (default 2)")
     p.add_argument("--calibrate", action="store_true", help="measure real steps on the device and keep the correction")
     p.add_argument("--explain", action="store_true", help="where the costliest batch's peak goes")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--png", default="plan.png", help="plot of predicted need per batch (default plan.png; '' for none)")
+    p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("prepare", help="check a corpus and write a canonical jsonl with lengths and a report",
@@ -407,11 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", type=Path, nargs="+", help="jsonl manifest(s) for validation each epoch")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--budget", help="memory per device (default: the GPU's memory; 8GiB of tensors on CPU)")
-    p.add_argument("--config", type=Path, help="YAML with train_conf, optim_conf, scheduler_conf, dataset_conf, "
-                                               "memory, freeze")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--checkpointing", choices=["auto", "on", "off"])
-    p.add_argument("--freeze", nargs="*", default=None, metavar="PREFIX")
+    _config_flags(p)
     p.add_argument("--device", default=None)
     p.add_argument("--from-scratch", action="store_true", help="random weights (the directory needs no model.pt)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
@@ -419,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "state over the ranks (FSDP2 fully_shard per block)")
     p.add_argument("--inject-oom", metavar="STEP[,STEP...]",
                    help="raise a real torch.OutOfMemoryError at these steps (testing the recovery)")
+    p.add_argument("--inject-oom-rank", type=int, default=None, metavar="R",
+                   help="inject on rank R only (default: every rank)")
     p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")
     p.set_defaults(func=_finetune)
 

@@ -17,23 +17,24 @@ def cer(model_dir: Path) -> float:
     import torch
 
     from paratune.modeldir import load_model
-    from paratune.train.finetune import load_split, validate
+    from paratune.train.validation import load_split, validate
     asr = load_model(model_dir)
     rows, lengths, _ = load_split([DATA / "test.jsonl"], asr)
     return validate(asr, rows, lengths, torch.device("cpu"))["cer"]
 
 
 def run_demo(output: Path, budget: str = "2GiB") -> int:
-    from paratune.cli import main
+    from paratune.memory.plan import parse_bytes
+    from paratune.train.finetune import FinetuneOptions, finetune
     start = time.time()
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     say(f"paratune demo: fine-tune {MODEL.name} (a tiny Mandarin Paraformer) on {DATA.name}/train.jsonl, "
         "80 clips in a condition it never heard (other voices, fast speech, noise)")
     before = cer(MODEL)
     say(f"CER on the 24 test clips before fine-tuning: {100 * before:.2f} %\n")
-    code = main(["finetune", "--model", str(MODEL), "--train", str(DATA / "train.jsonl"), "--valid",
-                 str(DATA / "dev.jsonl"), "--output", str(output), "--budget", budget, "--device", "cpu",
-                 "--config", str(DATA / "finetune.yaml")])
+    code = finetune(FinetuneOptions(model=MODEL, train=[DATA / "train.jsonl"], valid=[DATA / "dev.jsonl"],
+                                    output=Path(output), budget=parse_bytes(budget), device="cpu",
+                                    config=DATA / "finetune.yaml"))
     if code != 0:
         return code
     after = cer(output / "final")

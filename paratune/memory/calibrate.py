@@ -15,11 +15,11 @@ import platform
 import torch
 
 from paratune.memory.estimate import MemoryModel
-from paratune.memory.trace import PRECISIONS, StepOptions, fake_batch
+from paratune.memory.trace import PRECISIONS, StepOptions, fake_batch, no_collective
 from paratune.memory.tracker import PeakMemory
-from paratune.model.paraformer import set_checkpointing
 from paratune.modeldir import ModelSpec
-from paratune.train.step import make_optimizer, train_step
+from paratune.train.distributed import Local
+from paratune.train.step import prepare_model, train_step
 
 
 def real_batch(spec: ModelSpec, b: int, t: int, u: int, device) -> dict:
@@ -31,21 +31,17 @@ def real_batch(spec: ModelSpec, b: int, t: int, u: int, device) -> dict:
 
 
 def real_stepper(spec: ModelSpec, options: StepOptions, dev: torch.device):
-    """The model on `dev` with `options` applied, its optimizer and `step(batch)`, one training step as
-    the trainer runs it. A first small step has created the optimizer state, as in a long run."""
-    model = spec.build().to(dev).train()
-    for name, p in model.named_parameters():
-        if any(name.startswith(prefix) for prefix in options.frozen):
-            p.requires_grad_(False)
-    if options.checkpointing:
-        set_checkpointing(model, encoder_blocks=None, decoder_blocks=None)
-    optimizer = make_optimizer(model, name=options.optimizer)
-    scaler = torch.amp.GradScaler(dev.type) if options.precision == "fp16" else None
+    """The model on `dev` prepared for `options` (as the trainer prepares it), its optimizer and
+    `step(batch)`, one training step as the trainer runs it. A first small step has created the
+    optimizer state, as in a long run."""
+    ready = prepare_model(spec.build(), options, dev)
+    model, optimizer = ready.model, ready.optimizer
 
     def step(batch):
         train_step(model, optimizer, batch, grad_clip=options.grad_clip,
-                   autocast_dtype=PRECISIONS[options.precision], scaler=scaler, return_stats=False,
-                   keep_grads=options.ddp)
+                   autocast_dtype=PRECISIONS[options.precision], scaler=ready.scaler,
+                   world_size=2 if options.ddp else 1, all_reduce=no_collective,
+                       agreement=Local())
 
     step(real_batch(spec, 1, 16, 2, dev))
     return model, optimizer, step

@@ -15,6 +15,11 @@ weights: T*U; c1 per utterance, c0 for what every batch has). The prediction is
 
     peak(B, T, U) = resident + max_j (G_j + A_j(B, T, U)).
 
+The probes are steps of two micro-batches, and each stage belongs to a part: the first micro-batch's
+forward and backward, a later one's (every gradient already allocated, as in accumulation and in the
+halves of a split batch), or the tail (gradient reduce, optimizer). A step of one micro-batch peaks at
+the most of its first and tail stages; a later micro-batch at the most of its later and tail stages.
+
 A single quadratic fitted to the peak itself is the special case of one stage. It is good when the
 peak always falls at the same point of the step, but activation checkpointing makes the peak move
 with the shape (early in backward for long batches, late for short ones, when most gradients exist):
@@ -35,6 +40,9 @@ import numpy as np
 
 from paratune.io import atomic_write_text
 from paratune.memory.trace import StepOptions, StepTracer, fit_key
+from paratune.memory.tracker import FIRST, LATER, TAIL
+
+SINGLE, ACCUMULATED = (FIRST, TAIL), (LATER, TAIL)  # the parts that bound each kind of micro-batch
 
 TERMS = ("1", "B", "B*T", "B*T^2", "B*U", "B*T*U", "B*U^2")
 
@@ -58,17 +66,19 @@ class MemoryModel:
     probes: list[dict] = field(default_factory=list)
     holdout: list[dict] = field(default_factory=list)
     calibration: dict | None = None
+    parts: list[int] = field(default_factory=list)  # per kept stage: FIRST, LATER or TAIL
 
     @property
     def static_step(self) -> int:
         """The least any step needs: resident bytes plus every gradient (at the optimizer step)."""
-        g = 0 if self.options.get("ddp") else self.resident["gradients"]
-        return self.static_forward + g
+        return self.static_forward + self.resident["gradients"]
 
-    def peaks(self, b, t, u) -> np.ndarray:
-        """Predicted peak bytes for arrays of batch shapes (vectorised)."""
+    def peaks(self, b, t, u, later: bool = False) -> np.ndarray:
+        """Predicted peak bytes for arrays of batch shapes (vectorised): of a step of one micro-batch,
+        or (`later`) of a micro-batch after the first of an accumulated or split step."""
         f = features(b, t, u)
-        coef, grads = np.asarray(self.coef).T, np.asarray(self.gradients, dtype=float)
+        use = [j for j, p in enumerate(self.parts) if p in (ACCUMULATED if later else SINGLE)]
+        coef, grads = np.asarray(self.coef)[use].T, np.asarray(self.gradients, dtype=float)[use]
         if f.ndim == 1:
             return self.static_forward + max(float((f @ coef + grads).max()), 0.0)
         out = np.empty(len(f))
@@ -76,8 +86,12 @@ class MemoryModel:
             out[i:i + 4096] = (f[i:i + 4096] @ coef + grads).max(axis=1)
         return self.static_forward + np.maximum(out, 0.0)
 
-    def peak(self, b: int, t: int, u: int) -> int:
-        return int(round(float(self.peaks(b, t, u))))
+    def peak(self, b: int, t: int, u: int, later: bool = False) -> int:
+        return int(round(float(self.peaks(b, t, u, later))))
+
+    def step_peak(self, shapes) -> int:
+        """A step whose micro-batches have these (B, T, U), in order (accumulation, or a split)."""
+        return max(self.peak(*s, later=i > 0) for i, s in enumerate(shapes))
 
     @property
     def worst_holdout_error(self) -> float:
@@ -91,7 +105,7 @@ class MemoryModel:
                 "resident": self.resident, "static_forward": self.static_forward,
                 "gradients": self.gradients, "coef": self.coef, "max_frames": self.max_frames,
                 "max_tokens": self.max_tokens, "probes": self.probes, "holdout": self.holdout,
-                "calibration": self.calibration}
+                "calibration": self.calibration, "parts": self.parts}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemoryModel":
@@ -100,7 +114,7 @@ class MemoryModel:
         return cls(resident=d["resident"], static_forward=d["static_forward"], gradients=list(d["gradients"]),
                    coef=[list(c) for c in d["coef"]], max_frames=d["max_frames"], max_tokens=d["max_tokens"],
                    options=d.get("options", {}), key=d.get("key", ""), probes=d.get("probes", []),
-                   holdout=d.get("holdout", []), calibration=d.get("calibration"))
+                   holdout=d.get("holdout", []), calibration=d.get("calibration"), parts=list(d["parts"]))
 
 
 def probe_shapes(max_frames: int, max_tokens: int, batch: int) -> list[tuple[int, int, int]]:
@@ -117,47 +131,54 @@ def probe_shapes(max_frames: int, max_tokens: int, batch: int) -> list[tuple[int
     return list(dict.fromkeys(shapes))
 
 
-def _stage_table(traces) -> tuple[list[int], np.ndarray]:
-    """Per probe, the activation bytes of each stage. Stages are matched by position when every probe
-    went through the same gradient figures in the same order (the normal case), else by figure."""
-    seqs = [[g for g, _ in tr.stages] for tr in traces]
+def _stage_table(traces) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Per probe, the activation bytes of each stage, and each stage's (gradient bytes, part). Stages
+    are matched by position when every probe went through the same gradient figures and parts in the
+    same order (the normal case), else by (figure, part)."""
+    seqs = [[(g, p) for g, _, p in tr.stages] for tr in traces]
     if all(s == seqs[0] for s in seqs):
-        return seqs[0], np.array([[a for _, a in tr.stages] for tr in traces], dtype=float)
-    grads = sorted({g for s in seqs for g in s})
-    table = np.zeros((len(traces), len(grads)))
-    index = {g: i for i, g in enumerate(grads)}
+        return seqs[0], np.array([[a for _, a, _ in tr.stages] for tr in traces], dtype=float)
+    stages = sorted({s for seq in seqs for s in seq})
+    table = np.zeros((len(traces), len(stages)))
+    index = {s: i for i, s in enumerate(stages)}
     for row, tr in enumerate(traces):
-        for g, a in tr.stages:
-            table[row, index[g]] = max(table[row, index[g]], a)
-    return grads, table
+        for g, a, p in tr.stages:
+            table[row, index[(g, p)]] = max(table[row, index[(g, p)]], a)
+    return stages, table
 
 
-def _keep_stages(grads, coef, shapes, rel: float = 2e-3) -> list[int]:
-    """Stages that come within `rel` of the highest at some shape: the rest can never set the peak."""
-    values = features(*shapes.T) @ coef.T + np.asarray(grads, dtype=float)
-    top = values.max(axis=1, keepdims=True)
-    near = values >= top - rel * np.abs(top)
-    return [j for j in range(len(grads)) if near[:, j].any()]
+def _keep_stages(stages, coef, shapes, rel: float = 2e-3) -> list[int]:
+    """Stages that come within `rel` of the highest of their kind of micro-batch at some shape: the
+    rest can never set a peak."""
+    values = features(*shapes.T) @ coef.T + np.asarray([g for g, _ in stages], dtype=float)
+    keep = set()
+    for kind in (SINGLE, ACCUMULATED):
+        cols = [j for j, (_, p) in enumerate(stages) if p in kind]
+        if not cols:
+            continue
+        top = values[:, cols].max(axis=1, keepdims=True)
+        near = values[:, cols] >= top - rel * np.abs(top)
+        keep |= {cols[k] for k in range(len(cols)) if near[:, k].any()}
+    return sorted(keep)
 
 
 def fit(tracer: StepTracer, max_frames: int, max_tokens: int, holdout: int = 0, seed: int = 0,
         key: str = "") -> MemoryModel:
-    """Trace probes, fit the stages, and report the error on `holdout` random shapes not fitted."""
+    """Trace probes, fit the stages, and report the error on `holdout` random shapes not fitted (the
+    step of one micro-batch, and a later micro-batch)."""
     max_tokens = max(1, min(max_tokens, max_frames))
     resident = tracer.resident()
     static_forward = resident["parameters"] + resident["buffers"] + resident["optimizer_state"]
-    if tracer.options.ddp:
-        static_forward += resident["gradients"]
     static_step = static_forward + resident["gradients"]
 
     # a probe batch size whose activations outweigh the resident bytes, so the fit sees activations clearly
     one = tracer.trace(1, max(8, max_frames // 2), max(1, min(max_tokens // 4, max_frames // 2)))
-    per_utterance = max(1, max(a for _, a in one.stages) - static_forward)
+    per_utterance = max(1, one.part_peak((FIRST,)) - static_forward)
     batch = int(min(4096, max(1, math.ceil(2 * static_step / per_utterance))))
 
     shapes = probe_shapes(max_frames, max_tokens, batch)
     traces = tracer.trace_many(shapes)
-    grads, table = _stage_table(traces)
+    stages, table = _stage_table(traces)
     x = features(*np.array(shapes, dtype=float).T)
     coef, *_ = np.linalg.lstsq(x, table - static_forward, rcond=None)  # one column per stage
     coef = coef.T
@@ -166,20 +187,21 @@ def fit(tracer: StepTracer, max_frames: int, max_tokens: int, holdout: int = 0, 
     grid = np.column_stack([rng.integers(1, 2 * batch + 1, 4000), rng.integers(8, max_frames + 1, 4000),
                             rng.integers(1, max_tokens + 1, 4000)]).astype(float)
     grid[:, 2] = np.minimum(grid[:, 2], grid[:, 1])
-    keep = _keep_stages(grads, coef, np.vstack([grid, np.array(shapes, dtype=float)]))
-    model = MemoryModel(resident=resident, static_forward=static_forward, gradients=[int(grads[j]) for j in keep],
-                        coef=[[float(c) for c in coef[j]] for j in keep], max_frames=max_frames,
-                        max_tokens=max_tokens, options=tracer.options.to_dict(), key=key)
+    keep = _keep_stages(stages, coef, np.vstack([grid, np.array(shapes, dtype=float)]))
+    model = MemoryModel(resident=resident, static_forward=static_forward,
+                        gradients=[int(stages[j][0]) for j in keep], coef=[[float(c) for c in coef[j]] for j in keep],
+                        max_frames=max_frames, max_tokens=max_tokens, options=tracer.options.to_dict(), key=key,
+                        parts=[int(stages[j][1]) for j in keep])
     for s, tr in zip(shapes, traces):
-        model.probes.append({"batch": s[0], "frames": s[1], "tokens": s[2], "peak": tr.peak,
+        model.probes.append({"batch": s[0], "frames": s[1], "tokens": s[2], "peak": tr.single,
                              "predicted": model.peak(*s)})
 
     held = random_shapes(holdout, 2 * batch, max_frames, max_tokens, seed)
     for (b, t, u), traced in zip(held, tracer.trace_many(held)):
-        real = traced.peak
-        pred = model.peak(b, t, u)
-        model.holdout.append({"batch": b, "frames": t, "tokens": u, "peak": real, "predicted": pred,
-                              "error": (pred - real) / real})
+        for later, real in ((False, traced.single), (True, traced.part_peak(ACCUMULATED))):
+            pred = model.peak(b, t, u, later)
+            model.holdout.append({"batch": b, "frames": t, "tokens": u, "later": later, "peak": real,
+                                  "predicted": pred, "error": (pred - real) / real})
     return model
 
 

@@ -1,7 +1,6 @@
-"""`paratune plan`: batches for a manifest under a memory budget, from the fitted memory model.
-
-The batches are the ones training will use: `paratune.data.sampler.MemoryBoundedSampler`'s first
-epoch, every rank's, step by step.
+"""The memory plan of a run: the fitted memory model under the budget (`Limit`), the checkpointing
+decision, and the sampler whose batches training will use. `plan_run` is the one entry: `paratune
+plan` reports what it decides, and `paratune finetune` trains with it, from the same configuration.
 """
 from __future__ import annotations
 
@@ -12,7 +11,9 @@ import numpy as np
 
 from paratune.data.manifest import Lengths
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
-from paratune.memory.estimate import MemoryModel
+from paratune.memory.estimate import MemoryModel, load_or_fit
+from paratune.train.lora import DEFAULT_TARGETS
+from paratune.train.step import StepOptions
 
 # Without a calibration on the GPU the plan keeps this share of the budget for what tensor bytes do
 # not show: the caching allocator's reserved-but-free blocks and cuBLAS/cuDNN workspaces.
@@ -51,6 +52,7 @@ class Limit:
     budget: int
     device: str = "cuda"
     margin: float | None = None  # None: calibration if any, else UNCALIBRATED_MARGIN[device]
+    accumulate: bool = False  # micro-batches after the first run with every gradient allocated
 
     @property
     def scale(self) -> float:
@@ -65,50 +67,160 @@ class Limit:
     def calibrated(self) -> bool:
         return self.margin is None and bool(self.model.calibration) and self.device == "cuda"
 
-    def expected(self, b: int, t: int, u: int) -> float:
-        """The step's peak as the allocator will count it: the model's figure, corrected by the
-        calibration's allocated/predicted ratio where there is one (no safety margin)."""
-        peak = float(self.model.peak(b, t, u))
+    def expected(self, shapes) -> float:
+        """The peak of a step whose micro-batches have these (B, T, U) as the allocator will count it:
+        the model's figure, corrected by the calibration's allocated/predicted ratio where there is one
+        (no safety margin)."""
+        peak = float(self.model.step_peak(shapes))
         if self.calibrated and self.model.calibration.get("allocated_ratio"):
             peak *= float(self.model.calibration["allocated_ratio"])
         return peak
 
     def need(self, b, t, u) -> np.ndarray:
-        return self.model.peaks(b, t, u) * self.scale
+        """What a micro-batch of (B, T, U) may need: as the first of its step, and (with accumulation)
+        as a later one."""
+        peaks = self.model.peaks(b, t, u)
+        if self.accumulate:
+            peaks = np.maximum(peaks, self.model.peaks(b, t, u, later=True))
+        return peaks * self.scale
 
     def fits(self, b: int, t: int, u: int) -> bool:
         return float(self.need(b, t, u)) <= self.budget
 
 
+def step_options(config: dict, device: str, world_size: int = 1, fsdp: bool = False,
+                 checkpointing: bool = False) -> StepOptions:
+    """The step a run with this configuration takes, as the memory model needs to know it."""
+    mc, lora, r = config["memory"], config["lora"], int(config["lora"]["r"])
+    return StepOptions(precision=mc["precision"], checkpointing=checkpointing, frozen=tuple(config["freeze"]),
+                       grad_clip=config["train_conf"]["grad_clip"], optimizer=config["optim_conf"]["optimizer"],
+                       ddp=world_size > 1 and not fsdp, device=device, lora_r=r,
+                       lora_targets=tuple(lora["targets"] or DEFAULT_TARGETS) if r else (),
+                       lora_dropout=float(lora["dropout"]) if r else 0.05)
+
+
+def planned_frames(lengths: Lengths, config: dict) -> np.ndarray:
+    """Each utterance's frames as planned: speed perturbation below 1 lengthens an utterance after
+    planning, so the slowest version is planned."""
+    slowest = min([1.0] + [float(x) for x in config["dataset_conf"]["speed_perturb"] or []])
+    return np.ceil(lengths.frames / slowest).astype(np.int64) + (slowest < 1.0)
+
+
+@dataclass
+class RunPlan:
+    """What `plan_run` decides: the limit, the step options (checkpointing on or off), the sampler."""
+
+    limit: Limit
+    options: StepOptions
+    sampler: MemoryBoundedSampler
+    frames: np.ndarray  # planned frames per utterance
+    accum: int
+    notes: list[str] = field(default_factory=list)
+
+    def step_of(self, position: int) -> int:
+        """The optimizer step (from 1) that trains a rank's batch at `position` (from 0) of the epoch."""
+        return position // self.accum + 1
+
+
+def _too_big(limit: Limit, frames: np.ndarray, tokens: np.ndarray, bounds) -> int:
+    """How many utterances do not fit even alone (padded to their bucket)."""
+    if bounds:
+        i = np.searchsorted(bounds, frames)
+        frames = np.where(i < len(bounds), np.asarray(bounds)[np.minimum(i, len(bounds) - 1)], frames)
+    return int((limit.need(np.ones_like(frames), frames, tokens) > limit.budget).sum())
+
+
+def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "cuda", world_size: int = 1,
+             rank: int = 0, fsdp: bool = False, fit=None, log=None) -> RunPlan:
+    """The one planning entry of `paratune plan` and `paratune finetune`. `fit(options, max_frames,
+    max_tokens)` gives the memory model (default: the cached fit or a new one; the trainer passes
+    one that fits on rank 0 and shares it)."""
+    if not len(lengths):
+        raise PlanError("the manifest has no usable utterances: nothing to plan")
+    if world_size < 1 or (fsdp and world_size < 2):
+        raise PlanError("--fsdp shards over ranks: 2 or more" if fsdp else f"world size {world_size} < 1")
+    dc, mc, tc = config["dataset_conf"], config["memory"], config["train_conf"]
+    frames, accum = planned_frames(lengths, config), max(1, int(tc["accum_grad"]))
+    t_max, u_max = int(frames.max()), int(lengths.tokens.max())
+    fit = fit or (lambda o, t, u: load_or_fit(spec.config, spec.vocab_size, spec.input_size, o, t, u, log=log)[0])
+
+    def limit_for(checkpointing: bool) -> tuple[Limit, StepOptions]:
+        options = step_options(config, device, world_size, fsdp, checkpointing)
+        model = fit(options, t_max, u_max)
+        if fsdp:  # per rank: sharded parameters, gradients, optimizer state
+            import torch
+
+            from paratune.memory.shard import shard_model
+            with torch.device("meta"):
+                model = shard_model(model, spec.build(), world_size)
+        return Limit(model, budget, device, mc["margin"], accumulate=accum > 1), options
+
+    bounds = bucket_boundaries(t_max, dc["buckets"]) if dc["buckets"] else None
+    limit, options = limit_for(mc["checkpointing"] == "on")
+    notes = []
+    if mc["checkpointing"] == "auto":
+        alone = _too_big(limit, frames, lengths.tokens, bounds)
+        if alone:
+            if log:
+                log(f"{alone} utterances do not fit without activation checkpointing; trying with it")
+            other, other_options = limit_for(True)
+            fewer = _too_big(other, frames, lengths.tokens, bounds)
+            if fewer < alone:
+                limit, options = other, other_options
+                notes.append(f"activation checkpointing on: without it {alone} utterances do not fit even "
+                             f"alone, with it {fewer}")
+    need_static = limit.model.static_step * limit.scale
+    if need_static > budget:
+        raise PlanError(f"the budget {gib(budget)} is below the static memory of a step, {gib(need_static)} "
+                        f"(parameters, gradients and optimizer state{', with the margin' if limit.scale > 1 else ''}"
+                        "): no batch can fit. Raise the budget, shard with --fsdp, freeze modules, or use "
+                        "++optim_conf.optimizer=sgd")
+    sampler = MemoryBoundedSampler(frames, lengths.tokens, limit, seed=int(tc["seed"]),
+                                   buffer_size=int(dc["buffer_size"]), buckets=bounds,
+                                   costliest_first=bool(dc["costliest_first"]), max_batch=dc["max_batch"],
+                                   world_size=world_size, rank=rank)
+    return RunPlan(limit, options, sampler, frames, accum, notes)
+
+
 @dataclass
 class Plan:
+    """A run plan's first epoch, for people: every rank's batches, step-major, and what cannot fit."""
+
     budget: int
     limit: Limit
-    batches: list[np.ndarray]  # indices into lengths, one array per batch
+    batches: list[np.ndarray]  # indices into lengths, one array per batch, step-major over ranks
+    ranks: list[int]  # the rank of each batch
+    positions: list[int]  # each batch's position in its rank's epoch
     excluded: list[dict]  # {"key", "reason"}
     lengths: Lengths
+    run: RunPlan
     world_size: int = 1
     notes: list[str] = field(default_factory=list)
 
-    sampler: object = None
+    @property
+    def sampler(self) -> MemoryBoundedSampler:
+        return self.run.sampler
 
     def batch_shapes(self) -> np.ndarray:
-        """(B, T, U) per batch, T padded as the sampler pads it."""
-        pad = self.sampler.padded if self.sampler is not None else (lambda t: t)
-        return np.array([(len(b), pad(int(self.lengths.frames[b].max())), self.lengths.tokens[b].max())
+        """(B, T, U) per batch, T planned (slowest speed) and padded as the sampler pads it."""
+        pad, frames = self.sampler.padded, self.run.frames
+        return np.array([(len(b), pad(int(frames[b].max())), self.lengths.tokens[b].max())
                          for b in self.batches], dtype=np.int64).reshape(-1, 3)
 
     def predicted(self) -> np.ndarray:
+        """Each batch's predicted peak, as the first micro-batch of its step or a later one."""
         shapes = self.batch_shapes()
         if not len(shapes):
             return np.zeros(0)
-        return self.limit.model.peaks(shapes[:, 0], shapes[:, 1], shapes[:, 2])
+        later = np.array([p % self.run.accum > 0 for p in self.positions])
+        m = self.limit.model
+        return np.where(later, m.peaks(*shapes.T, later=True), m.peaks(*shapes.T))
 
     def padding_waste(self) -> float:
         """Share of the padded frames that are padding."""
         shapes = self.batch_shapes()
         padded = float((shapes[:, 0] * shapes[:, 1]).sum()) if len(shapes) else 0.0
-        real = float(sum(self.lengths.frames[b].sum() for b in self.batches))
+        real = float(sum(self.run.frames[b].sum() for b in self.batches))
         return 0.0 if padded == 0 else 1 - real / padded
 
     def to_dict(self) -> dict:
@@ -121,10 +233,12 @@ class Plan:
             "scale": self.limit.scale,
             "static_bytes": m.static_step,
             "world_size": self.world_size,
+            "accum_grad": self.run.accum,
             "padding_waste": self.padding_waste(),
-            "batches": [{"keys": [self.lengths.keys[i] for i in b], "size": int(s[0]), "max_frames": int(s[1]),
-                         "max_tokens": int(s[2]), "predicted_peak_bytes": int(round(p))}
-                        for b, s, p in zip(self.batches, shapes, peaks)],
+            "batches": [{"rank": r, "step": self.run.step_of(pos), "keys": [self.lengths.keys[i] for i in b],
+                         "size": int(s[0]), "max_frames": int(s[1]), "max_tokens": int(s[2]),
+                         "predicted_peak_bytes": int(round(p))}
+                        for b, r, pos, s, p in zip(self.batches, self.ranks, self.positions, shapes, peaks)],
             "excluded": self.excluded,
             "notes": self.notes,
         }
@@ -141,43 +255,30 @@ def longest_alone(limit: Limit, tokens_per_frame: float) -> int:
     return lo
 
 
-def make_plan(lengths: Lengths, limit: Limit, frame_seconds: float, world_size: int = 1,
-              max_batch: int | None = None, seed: int = 0, buffer_size: int = 20_000, buckets: float | None = None,
-              costliest_first: bool = False) -> Plan:
-    if not len(lengths):
-        raise PlanError("the manifest has no usable utterances: nothing to plan")
-    need_static = limit.model.static_step * limit.scale
-    if need_static > limit.budget:
-        raise PlanError(f"the budget {gib(limit.budget)} is below the static memory of a step, "
-                        f"{gib(need_static)} (parameters, gradients and optimizer state"
-                        f"{', with the margin' if limit.scale > 1 else ''}): no batch can fit. "
-                        "Raise the budget, shard with --world-size N --fsdp, freeze modules, or use --optimizer sgd")
-    bounds = bucket_boundaries(int(lengths.frames.max()), buckets) if buckets else None
-    sampler = MemoryBoundedSampler(lengths.frames, lengths.tokens, limit, seed=seed, buffer_size=buffer_size,
-                                   buckets=bounds, costliest_first=costliest_first, world_size=world_size,
-                                   max_batch=max_batch)
+def make_plan(run: RunPlan, lengths: Lengths, frame_seconds: float) -> Plan:
+    """The run plan's epoch 0 as `paratune finetune` will train it, every rank's batches in step order."""
+    world, limit = run.sampler.world_size, run.limit
     try:
-        per_rank = [sampler.batches(0, r) for r in range(world_size)]
+        per_rank = [run.sampler.batches(0, r) for r in range(world)]
     except ValueError as e:
         raise PlanError(str(e)) from e
-    batches = [np.asarray(per_rank[r][step]) for step in range(len(per_rank[0])) for r in range(world_size)]
-    alone = sampler.excluded(0)
+    order = [(pos, r) for pos in range(len(per_rank[0])) for r in range(world)]
+    batches = [np.asarray(per_rank[r][pos]) for pos, r in order]
+    alone = run.sampler.excluded(0)
     rate = float(np.median(lengths.tokens / np.maximum(lengths.frames, 1)))
     excluded = []
     if alone:
-        most = longest_alone(limit, rate)
-        seconds = most * frame_seconds
+        seconds = longest_alone(limit, rate) * frame_seconds
         for i in alone:
-            need = float(limit.need(1, int(lengths.frames[i]), int(lengths.tokens[i])))
+            need = float(limit.need(1, int(run.frames[i]), int(lengths.tokens[i])))
             excluded.append({"key": lengths.keys[i], "origin": lengths.origins[i],
                              "reason": f"needs {gib(need)} alone, over the budget of {gib(limit.budget)} "
-                                       f"({lengths.seconds[i]:.1f} s, {int(lengths.frames[i])} frames, "
+                                       f"({lengths.seconds[i]:.1f} s, {int(run.frames[i])} frames, "
                                        f"{int(lengths.tokens[i])} tokens); split it below {seconds:.1f} s "
                                        f"(paratune prepare --max-duration {math.floor(seconds)} --long-audio split) "
                                        "or drop it (--long-audio drop)"})
-    plan = Plan(limit.budget, limit, batches, excluded, lengths, world_size)
-    plan.sampler = sampler
-    return plan
+    return Plan(limit.budget, limit, batches, [r for _, r in order], [pos for pos, _ in order], excluded, lengths,
+                run, world, list(run.notes))
 
 
 def summary(plan: Plan) -> str:

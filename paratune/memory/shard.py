@@ -53,4 +53,5 @@ def shard_model(fitted: MemoryModel, model: nn.Module, world_size: int) -> Memor
                        gradients=[int(g * scale) for g in fitted.gradients], coef=coef,
                        max_frames=fitted.max_frames, max_tokens=fitted.max_tokens,
                        options={**fitted.options, "fsdp_world_size": world_size}, key=fitted.key,
-                       probes=fitted.probes, holdout=fitted.holdout, calibration=fitted.calibration)
+                       probes=fitted.probes, holdout=fitted.holdout, calibration=fitted.calibration,
+                       parts=fitted.parts)

@@ -1,6 +1,9 @@
 """Measure a training step's tensor memory by running it on fake tensors.
 
-The step is `paratune.train.step.train_step`, the code the trainer runs. Under `FakeTensorMode` every
+The step is `paratune.train.step.train_step` on a model from `prepare_model`, the code the trainer runs:
+with two micro-batches (so a later micro-batch of an accumulated or split step, which runs with every
+gradient already allocated, is seen), the DDP gradient reduce where the options say so, clipping and
+the optimizer. Under `FakeTensorMode` every
 tensor has a shape, dtype and device but no storage and no arithmetic, so paraformer-large at any batch
 shape costs neither memory nor compute; `PeakMemory` sees each tensor as it is created and freed. The
 same tracker on real tensors gives the same figures (tests/memory checks this).
@@ -13,49 +16,21 @@ import json
 import multiprocessing
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from paratune.memory.tracker import PeakMemory, storage_bytes
-from paratune.model.paraformer import build_paraformer, set_checkpointing
-from paratune.train.step import OPTIMIZERS, make_optimizer, train_step
+from paratune.memory.tracker import FIRST, TAIL, PeakMemory, storage_bytes
+from paratune.model.paraformer import build_paraformer
+from paratune.train.distributed import Local
+from paratune.train.step import PRECISIONS, Micro, StepOptions, prepare_model, train_step
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["PRECISIONS", "StepOptions", "StepTracer", "Traced", "cuda_kernels", "fake_batch", "fit_key"]
 
-
-@dataclass(frozen=True)
-class StepOptions:
-    """What changes a step's memory besides the batch shape."""
-
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
-    checkpointing: bool = False  # activation checkpointing of every encoder and decoder block
-    frozen: tuple[str, ...] = ()  # parameter-name prefixes not trained, e.g. ("encoder.",)
-    grad_clip: float | None = 5.0
-    optimizer: str = "adamw"  # adamw | sgd (with momentum)
-    ddp: bool = False  # gradients live in DDP's buckets for the whole run
-    device: str = "cpu"  # where the step runs: CUDA rounds every tensor to 512 bytes
-    lora_r: int = 0  # LoRA adapters of this rank (0: none) on lora_targets; the base weights are frozen
-    lora_targets: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"unknown device {self.device!r}; choose from cpu, cuda")
-        object.__setattr__(self, "frozen", tuple(self.frozen))
-        # a YAML `grad_clip: 5` and the default 5.0 are the same step: the same cached fit
-        object.__setattr__(self, "grad_clip", float(self.grad_clip) if self.grad_clip else None)
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "frozen": list(self.frozen), "lora_targets": list(self.lora_targets)}
-
-
-TRACER_VERSION = 3  # 2: CUDA steps traced with the memory-efficient attention kernel; 3: and fused dropout
+# 2: CUDA steps traced with the memory-efficient attention kernel; 3: and fused dropout; 4: two micro-batches
+# per step (accumulation), stage parts, the DDP gradient reduce traced, gradients never resident
+TRACER_VERSION = 4
 
 
 def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
@@ -118,11 +93,25 @@ def fake_batch(batch: int, frames: int, tokens: int, input_size: int, vocab: int
 class Traced:
     peak: int  # bytes
     breakdown: dict  # bytes by tag (see paratune.memory.tracker) at the peak
-    stages: list  # [(gradient bytes, most other bytes at that gradient figure)] in step order
+    stages: list  # [(gradient bytes, most other bytes at that gradient figure, part)] in step order
+
+    def part_peak(self, parts) -> int:
+        """The most bytes live in the stages of these parts (FIRST, LATER, TAIL)."""
+        return max((g + a for g, a, p in self.stages if p in parts), default=0)
+
+    @property
+    def single(self) -> int:
+        """The peak of a step of one micro-batch: its forward and backward, the reduce, the optimizer."""
+        return self.part_peak((FIRST, TAIL))
+
+
+def no_collective(tensor) -> None:
+    """The gradient all-reduce as the tracer runs it: the buckets are made, nothing is sent."""
 
 
 class StepTracer:
-    """A model built once on fake tensors; `trace(B, T, U)` runs one steady-state step."""
+    """A model built once on fake tensors; `trace(B, T, U)` runs one steady-state step of two
+    micro-batches of that shape, `trace_step(shapes)` one of any micro-batches."""
 
     def __init__(self, config: dict, vocab: int, input_size: int, options: StepOptions = StepOptions(),
                  fake: bool = True):
@@ -130,35 +119,31 @@ class StepTracer:
         self.fake = fake
         self.mode = FakeTensorMode() if fake else contextlib.nullcontext()
         with self.mode:
-            self.model = build_paraformer(config, vocab, input_size).train()
-            if options.lora_r:
-                from paratune.train.lora import DEFAULT_TARGETS, add_lora
-                self.model = add_lora(self.model, options.lora_r, targets=options.lora_targets or DEFAULT_TARGETS)
-            for name, p in self.model.named_parameters():
-                if any(name.startswith(prefix) for prefix in options.frozen):
-                    p.requires_grad_(False)
-            if not any(p.requires_grad for p in self.model.parameters()):
-                raise ValueError(f"frozen={list(options.frozen)} leaves no parameter to train")
-            if options.checkpointing:
-                set_checkpointing(self.model, encoder_blocks=None, decoder_blocks=None)
-            self.optimizer = make_optimizer(self.model, name=options.optimizer)
-            self.scaler = torch.amp.GradScaler("cpu") if options.precision == "fp16" else None
+            ready = prepare_model(build_paraformer(config, vocab, input_size), options)
+            self.model, self.optimizer, self.scaler = ready.model, ready.optimizer, ready.scaler
             # one step creates the optimizer state: what a long run holds at every later step
-            self._step(fake_batch(1, 8, 2, input_size, vocab))
+            self._step([fake_batch(1, 8, 2, input_size, vocab)])
 
-    def _step(self, batch):
+    def _step(self, batches, inject=None):
+        micro = [Micro(b, 1.0 / len(batches)) for b in batches]
         with cuda_kernels() if self.options.device == "cuda" else contextlib.nullcontext():
-            train_step(self.model, self.optimizer, batch, grad_clip=self.options.grad_clip,
+            train_step(self.model, self.optimizer, micro, grad_clip=self.options.grad_clip,
                        autocast_dtype=PRECISIONS[self.options.precision], scaler=self.scaler,
-                       return_stats=False, keep_grads=self.options.ddp)
+                       world_size=2 if self.options.ddp else 1, all_reduce=no_collective,
+                       agreement=Local())
 
-    def trace(self, batch: int, frames: int, tokens: int) -> Traced:
+    def trace_step(self, shapes) -> Traced:
+        """A step whose micro-batches have these (B, T, U) shapes, in order."""
         with self.mode:
-            data = fake_batch(batch, frames, tokens, self.input_size, self.vocab)
+            data = [fake_batch(b, t, u, self.input_size, self.vocab) for b, t, u in shapes]
             tracker = PeakMemory(self.model, self.optimizer, cuda_blocks=self.options.device == "cuda")
             with tracker:
                 self._step(data)
         return Traced(tracker.peak, tracker.at_peak, tracker.stages)
+
+    def trace(self, batch: int, frames: int, tokens: int) -> Traced:
+        """Two micro-batches of (B, T, U): the stages of a first and of a later micro-batch."""
+        return self.trace_step([(batch, frames, tokens)] * 2)
 
     def trace_many(self, shapes, workers: int | None = None) -> list[Traced]:
         """Trace several shapes in worker processes when there are cores to spare: a fake step is pure
@@ -186,7 +171,8 @@ class StepTracer:
             return pool.starmap(_trace_in_worker, shapes, chunksize=1)
 
     def resident(self) -> dict:
-        """Bytes that live across steps: parameters, optimizer state, gradients (only under DDP)."""
+        """Bytes that live across steps (parameters, buffers, optimizer state), and the full set of
+        gradients (which exist only during a step)."""
         def size(t):
             return storage_bytes(t.untyped_storage(), self.options.device == "cuda")
         params = sum(size(p) for p in self.model.parameters())

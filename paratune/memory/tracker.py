@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 # The CUDA caching allocator hands out multiples of 512 bytes; tensors elsewhere cost their size.
 CUDA_BLOCK = 512
+FIRST, LATER, TAIL = 0, 1, 2  # parts of a step (PeakMemory.stages)
 
 
 def storage_bytes(st: torch.UntypedStorage, cuda: bool) -> int:
@@ -48,8 +49,12 @@ class PeakMemory(TorchDispatchMode):
         self.by_tag: dict[str, int] = defaultdict(int)
         self._live: dict[int, list] = {}  # id(storage) -> [bytes, tag, weakref]
         self._tag = "other"
-        # (gradient bytes, most other bytes seen while gradients stood at that figure), in step order
-        self.stages: list[tuple[int, int]] = []
+        # (gradient bytes, most other bytes seen while gradients stood at that figure, part), in step
+        # order; part: FIRST (the first micro-batch's forward and backward), LATER (a later one's), TAIL
+        # (after a backward: the gradient reduce, the optimizer step)
+        self.stages: list[tuple[int, int, int]] = []
+        self._micro = -1
+        self._part = TAIL
         self._grads = 0
         self._stage_max = 0
         self._handles = []
@@ -91,7 +96,7 @@ class PeakMemory(TorchDispatchMode):
                 self._grads_changed()
 
     def _close_stage(self) -> None:
-        self.stages.append((self._grads, self._stage_max))
+        self.stages.append((self._grads, self._stage_max, self._part))
         self._grads = self.by_tag["gradients"]
         self._stage_max = self.current - self._grads
 
@@ -122,8 +127,27 @@ class PeakMemory(TorchDispatchMode):
                 self._close_stage()  # each module's part of the forward is a stage of its own
         return hook
 
+    def _forward_starts(self, *_):
+        self._close_stage()
+        self._micro += 1
+        self._part = FIRST if self._micro == 0 else LATER
+        self._tag = "forward: other"
+
+    def _forward_ends(self, module, args, out):
+        loss = out[0] if isinstance(out, tuple) else out
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            # the engine runs queued callbacks once the whole backward is done
+            loss.register_hook(lambda g: torch.autograd.Variable._execution_engine.queue_callback(
+                self._backward_ends) and None)
+
+    def _backward_ends(self) -> None:
+        self._close_stage()
+        self._part = TAIL
+
     def _install_hooks(self) -> None:
         add = self._handles.append
+        add(self.model.register_forward_pre_hook(self._forward_starts))
+        add(self.model.register_forward_hook(self._forward_ends))
         add(self.model.register_forward_pre_hook(self._set_tag("forward: other")))
         add(self.model.register_forward_hook(self._set_tag("other")))
         for name, child in self.model.named_children():
@@ -160,6 +184,7 @@ class PeakMemory(TorchDispatchMode):
         self.peak = self.current
         self.at_peak = {k: v for k, v in self.by_tag.items() if v}
         self.stages.clear()
+        self._micro, self._part = -1, TAIL
         self._grads = self.by_tag["gradients"]
         self._stage_max = self.current - self._grads
         self._install_hooks()

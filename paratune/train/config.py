@@ -11,11 +11,13 @@ DEFAULTS = {
     "train_conf": {"max_epoch": 10, "accum_grad": 1, "grad_clip": 5.0, "keep_nbest_models": 5,
                    "avg_nbest_model": 3, "log_interval": 50, "save_checkpoint_interval": 500,
                    "validate_interval": 0, "seed": 0},
-    "optim_conf": {"lr": 0.0002, "weight_decay": 0.0},
+    "optim_conf": {"lr": 0.0002, "weight_decay": 0.0, "optimizer": "adamw"},  # adamw | sgd
     "scheduler_conf": {"warmup_steps": 1000},
     "dataset_conf": {"buffer_size": 20000, "buckets": None, "num_workers": 2, "costliest_first": True,
                      "specaug": True, "max_batch": None, "speed_perturb": None, "gain_db": 0.0, "noise_snr_db": None, "tilt": 0.0},
-    "memory": {"precision": "fp32", "checkpointing": "auto", "margin": None, "cpu_track_every": 10},
+    # fit_timeout_s: how long other ranks wait for rank 0's memory fit before they give up
+    "memory": {"precision": "fp32", "checkpointing": "auto", "margin": None, "cpu_track_every": 10,
+               "fit_timeout_s": 1800},
     "freeze": [],
     "lora": {"r": 0, "alpha": 16.0, "dropout": 0.05, "targets": None},  # r > 0: train LoRA adapters only
 }
@@ -54,6 +56,27 @@ def apply_override(config: dict, text: str) -> dict:
         raise ConfigError(f"override {text!r}: unknown key {keys[-1]!r} in {'.'.join(keys[:-1]) or 'config'} "
                           f"(known: {', '.join(node)})")
     node[keys[-1]] = yaml.safe_load(raw)
+    return config
+
+
+# command-line flags that `paratune plan` and `paratune finetune` both take, and where each goes
+FLAGS = {"precision": ("memory", "precision"), "checkpointing": ("memory", "checkpointing"),
+         "margin": ("memory", "margin"), "optimizer": ("optim_conf", "optimizer"), "freeze": ("freeze",),
+         "max_batch": ("dataset_conf", "max_batch"), "buffer_size": ("dataset_conf", "buffer_size"),
+         "buckets": ("dataset_conf", "buckets"), "costliest_first": ("dataset_conf", "costliest_first"),
+         "seed": ("train_conf", "seed")}
+
+
+def apply_flags(config: dict, flags: dict) -> dict:
+    """Flags given on the command line (not None) override the configuration."""
+    for name, path in FLAGS.items():
+        value = flags.get(name)
+        if value is None:
+            continue
+        node = config
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = list(value) if isinstance(value, (list, tuple)) else value
     return config
 
 

@@ -17,10 +17,13 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
 
-    def write(self, epoch: int, step: int, keys, status: str, reason: str | None = None) -> None:
+    def write(self, epoch: int, step: int, keys, status: str, reason: str | None = None,
+              rank: int | None = None) -> None:
         assert status in STATUSES, status
         for key in keys:
             row = {"epoch": epoch, "key": key, "step": step, "status": status}
+            if rank is not None:
+                row["rank"] = rank
             if reason:
                 row["reason"] = reason
             self._f.write(json.dumps(row, ensure_ascii=False) + "\n")

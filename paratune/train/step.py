@@ -1,13 +1,61 @@
-"""One optimisation step. The trainer, the benchmarks and the memory model all run this code."""
+"""One optimisation step, and the model made ready for it. The trainer, the memory model's tracer and
+the calibration all run `train_step` on a model made by `prepare_model`: what is traced is what runs.
+
+A step is a list of micro-batches (gradient accumulation), each with its share of the step's loss.
+Each micro-batch's tensors go to the device only when it runs. When one runs out of memory, all of the
+step's gradients are dropped (they may hold part of its backward), it is replaced by its two halves
+(each scaled by its share of the loss weight, so the sum is the same gradient) and the step starts
+again. A single utterance that still does not fit is quarantined: reported, never lost silently.
+Across ranks the OOM flag is agreed after every micro-batch, so every rank splits together; then the
+gradients are averaged over the ranks (DDP; FSDP reduce-scatters them in backward), clipped, and the
+optimizer steps.
+"""
 from __future__ import annotations
 
 import contextlib
+import gc
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from paratune.train import distributed
 
 OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+INPUTS = ("speech", "speech_lengths", "text", "text_lengths")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What changes a step's memory besides the batch shapes."""
+
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
+    checkpointing: bool = False  # activation checkpointing of every encoder and decoder block
+    frozen: tuple[str, ...] = ()  # parameter-name prefixes not trained, e.g. ("encoder.",)
+    grad_clip: float | None = 5.0
+    optimizer: str = "adamw"  # adamw | sgd (with momentum)
+    ddp: bool = False  # gradients averaged over ranks after the micro-batches (bucketed all-reduce)
+    device: str = "cpu"  # where the step runs: CUDA rounds every tensor to 512 bytes
+    lora_r: int = 0  # LoRA adapters of this rank (0: none) on lora_targets; the base weights are frozen
+    lora_targets: tuple[str, ...] = ()
+    lora_dropout: float = 0.05  # the adapters' input dropout keeps a mask per step
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; choose from cpu, cuda")
+        object.__setattr__(self, "frozen", tuple(self.frozen))
+        # a YAML `grad_clip: 5` and the default 5.0 are the same step: the same cached fit
+        object.__setattr__(self, "grad_clip", float(self.grad_clip) if self.grad_clip else None)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "lora_dropout", float(self.lora_dropout))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "frozen": list(self.frozen), "lora_targets": list(self.lora_targets)}
 
 
 def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
@@ -19,13 +67,99 @@ def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    from torch.distributed.tensor import DTensor
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device.type if params else "cpu"
     fused = device in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                              for p in params)
-    if name == "sgd":
+    if name == "sgd":  # fused SGD has no rule for FSDP's sharded parameters
+        fused = fused and not any(isinstance(p, DTensor) for p in params)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+
+
+def prepare_model(model: nn.Module, options: StepOptions, device=None, wrap=None, lr: float = 5e-4,
+                  weight_decay: float = 0.0, lora_alpha: float = 16.0) -> Prepared:
+    """The model as a step with `options` runs it: frozen prefixes, LoRA adapters, checkpointing, on
+    `device`, `wrap(model)` applied (rank 0's weights broadcast, FSDP sharding), then its optimizer and
+    the fp16 loss scaler. The trainer, the tracer and the calibration all start here."""
+    from paratune.model.paraformer import set_checkpointing
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(name.startswith(prefix) for prefix in options.frozen))
+    if options.lora_r:
+        from paratune.train.lora import DEFAULT_TARGETS, add_lora
+        model = add_lora(model, options.lora_r, lora_alpha, options.lora_dropout,
+                         options.lora_targets or DEFAULT_TARGETS)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"freeze={list(options.frozen)} leaves no parameter to train")
+    if options.checkpointing:
+        set_checkpointing(model, encoder_blocks=None, decoder_blocks=None)
+    if device is not None:
+        model = model.to(device)
+    model.train()
+    if wrap is not None:
+        model = wrap(model)
+    optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay, name=options.optimizer)
+    scaler = torch.amp.GradScaler(torch.device(device or "cpu").type) if options.precision == "fp16" else None
+    return Prepared(model, optimizer, scaler)
+
+
+@dataclass
+class Micro:
+    batch: dict  # tensors + "keys" (none: a placeholder, see `placeholder`)
+    scale: float = 1.0
+
+
+@dataclass
+class StepResult:
+    trained: list = field(default_factory=list)
+    quarantined: list = field(default_factory=list)
+    splits: int = 0
+    stats: list[dict] = field(default_factory=list)  # per micro-batch, tensors (reading them syncs a GPU)
+    shapes: list[tuple[int, int, int]] = field(default_factory=list)  # (B, T, U) of the micro-batches run
+    grad_norm: torch.Tensor | None = None
+
+    def floats(self) -> dict:
+        """The micro-batches' stats averaged, as floats (with the gradient norm)."""
+        out = {}
+        for k in (self.stats[0] if self.stats else {}):
+            vals = [float(s[k]) for s in self.stats if s.get(k) is not None]
+            if vals:
+                out[k] = sum(vals) / len(vals)
+        if self.grad_norm is not None:
+            out["grad_norm"] = float(self.grad_norm)
+        return out
+
+
+def keys_of(batch: dict) -> list:
+    return list(batch["keys"]) if "keys" in batch else list(range(len(batch["speech_lengths"])))
+
+
+def take(batch: dict, rows: slice) -> dict:
+    """Rows of a padded batch, trimmed to their own longest utterance and target."""
+    n_frames = int(batch["speech_lengths"][rows].max())
+    n_tokens = int(batch["text_lengths"][rows].max())
+    return {"keys": keys_of(batch)[rows], "speech": batch["speech"][rows, :n_frames],
+            "speech_lengths": batch["speech_lengths"][rows], "text": batch["text"][rows, :n_tokens],
+            "text_lengths": batch["text_lengths"][rows]}
+
+
+def shape_of(batch: dict) -> tuple[int, int, int]:
+    return len(batch["speech_lengths"]), int(batch["speech"].shape[1]), int(batch["text"].shape[1])
+
+
+def loss_weight(batch: dict, predictor_bias: int, length_normalized: bool) -> float:
+    """The weight the model's loss is normalised by: target tokens (with the end token) or utterances."""
+    if length_normalized:
+        return float((batch["text_lengths"] + predictor_bias).sum())
+    return float(len(batch["speech_lengths"]))
 
 
 def autocast_context(device_type: str, dtype: torch.dtype | None):
@@ -35,13 +169,14 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
 
 
 def backward_batch(model: nn.Module, batch: dict, scale: float = 1.0, autocast_dtype: torch.dtype | None = None,
-                   scaler: torch.amp.GradScaler | None = None) -> dict:
-    """Forward and backward of one (micro-)batch, gradients added to `.grad`, loss multiplied by
-    `scale` (the batch's share of the step, for accumulation and split batches). Returns the
-    model's stats as tensors (reading them syncs a GPU) and the loss weight."""
-    device_type = batch["speech"].device.type
-    with autocast_context(device_type, autocast_dtype):
-        loss, stats, weight = model(**{k: batch[k] for k in ("speech", "speech_lengths", "text", "text_lengths")})
+                   scaler: torch.amp.GradScaler | None = None, device=None) -> dict:
+    """Forward and backward of one (micro-)batch, moved to `device` first, gradients added to `.grad`,
+    loss multiplied by `scale` (its share of the step). Returns the model's stats as tensors and the
+    loss weight."""
+    inputs = {k: batch[k] if device is None else batch[k].to(device, non_blocking=True) for k in INPUTS}
+    with autocast_context(inputs["speech"].device.type, autocast_dtype):
+        loss, stats, weight = model(**inputs)
+    del inputs
     loss = loss * scale if scale != 1.0 else loss
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -52,8 +187,9 @@ def backward_batch(model: nn.Module, batch: dict, scale: float = 1.0, autocast_d
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None = None,
-                   scaler: torch.amp.GradScaler | None = None, keep_grads: bool = False):
-    """Clip, step, drop the gradients. Returns the gradient norm before clipping (a tensor) or None."""
+                   scaler: torch.amp.GradScaler | None = None):
+    """Clip, step, drop the gradients (they do not stay allocated between steps). Returns the gradient
+    norm before clipping (a tensor) or None."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = None
@@ -64,26 +200,84 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip
         scaler.update()
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=not keep_grads)
+    optimizer.zero_grad(set_to_none=True)
     return norm
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float | None = None,
-               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-               return_stats: bool = True, keep_grads: bool = False) -> dict:
-    """Forward, backward, optional clipping, optimizer step. `batch` holds the model's forward
-    arguments (speech, speech_lengths, text, text_lengths). Returns float stats.
+def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device, agreement, on_oom):
+    """Forward and backward of each micro-batch in turn; the index of the first that ran out of memory
+    on any rank (all ranks agree), or None, and the stats."""
+    stats = []
+    for i, m in enumerate(plan):
+        oom = False
+        try:
+            stats.append(backward_batch(model, m.batch, m.scale, autocast_dtype, scaler, device))
+        except torch.OutOfMemoryError as e:
+            oom = True
+            agreement.signal()  # first: other ranks may be waiting at a sync point
+            if on_oom:
+                on_oom(e, len(m.batch["speech_lengths"]))
+        except agreement.peer_error as e:
+            oom = True
+            if on_oom:
+                on_oom(e, len(m.batch["speech_lengths"]))
+        if agreement.failed(oom):
+            return i, stats
+    return None, stats
 
-    Gradients are dropped (set to None) once the optimizer has used them, so they do not stay
-    allocated between steps (during validation, checkpoint saving, data loading); the same is done
-    on entry in case the caller left some. Under DDP the gradients are views into its buckets
-    (`gradient_as_bucket_view=True`), which stay allocated whatever is done: `keep_grads=True` zeroes
-    them in place instead, which is what the memory model assumes for DDP."""
-    optimizer.zero_grad(set_to_none=not keep_grads)
-    stats = backward_batch(model, batch, 1.0, autocast_dtype, scaler)
-    norm = optimizer_step(model, optimizer, grad_clip, scaler, keep_grads)
-    if not return_stats:  # reading values syncs a GPU, and is impossible on fake tensors (memory model)
-        return {}
-    if norm is not None:
-        stats["grad_norm"] = norm
-    return {k: float(v) for k, v in stats.items() if v is not None}
+
+def placeholder(batch: dict) -> dict:
+    """A few frames of the batch's first utterance, weighing nothing in the loss (run with scale 0) and
+    training no key: it keeps a rank's micro-batches in step with ranks that split instead, forward and
+    backward included (FSDP's collectives run in both)."""
+    t = min(int(batch["speech_lengths"][0]), 8)
+    return {"keys": [], "speech": batch["speech"][:1, :t], "speech_lengths": batch["speech_lengths"][:1].clamp(max=t),
+            "text": batch["text"][:1, :1], "text_lengths": batch["text_lengths"][:1].clamp(max=1)}
+
+
+def _split(plan: list[Micro], failed: int, weight_of, result: StepResult) -> None:
+    """Replace the failed micro-batch by its halves, or quarantine it if it is one utterance."""
+    m = plan.pop(failed)
+    n = len(m.batch["speech_lengths"])
+    if n <= 1:
+        result.quarantined += keys_of(m.batch)
+        plan[failed:failed] = [Micro(placeholder(m.batch), 0.0), Micro(placeholder(m.batch), 0.0)]
+        return
+    result.splits += 1
+    halves = [take(m.batch, slice(0, n // 2)), take(m.batch, slice(n // 2, n))]
+    total = weight_of(m.batch)
+    plan[failed:failed] = [Micro(h, m.scale * weight_of(h) / total) for h in halves]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, grad_clip: float | None = None,
+               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+               device=None, world_size: int = 1, sharded: bool = False, all_reduce=None,
+               agreement: distributed.Local | None = None, on_oom=None) -> StepResult:
+    """One optimisation step over `micro` (a list of `Micro`, or one batch dict): accumulation, the OOM
+    split, the gradient average over `world_size` ranks (unless `sharded`: FSDP did it in backward),
+    clipping, the optimizer. `agreement` makes every rank drop a micro-batch any rank ran out of memory
+    in (default: the flag all-reduce when a process group is up); `all_reduce` is the collective for
+    the gradients (the tracer passes a no-op). Gradients are None on return."""
+    plan = [Micro(micro, 1.0)] if isinstance(micro, dict) else list(micro)
+    agreement = agreement or distributed.agreement()
+    weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
+    result = StepResult()
+    optimizer.zero_grad(set_to_none=True)
+    while True:
+        failed, stats = _run_micro_batches(model, plan, autocast_dtype, scaler, device, agreement, on_oom)
+        if failed is None:
+            break
+        del stats  # drop everything the failed attempt holds, and the step's partial gradients
+        optimizer.zero_grad(set_to_none=True)
+        agreement.reset(model)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _split(plan, failed, weight_of, result)
+    result.stats = stats
+    result.trained = [k for m in plan for k in keys_of(m.batch)]
+    result.shapes = [shape_of(m.batch) for m in plan if keys_of(m.batch)]
+    if world_size > 1 and not sharded:
+        distributed.all_reduce_gradients(model, world_size, all_reduce=all_reduce)
+    result.grad_norm = optimizer_step(model, optimizer, grad_clip, scaler)
+    return result

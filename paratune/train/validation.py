@@ -1,0 +1,46 @@
+"""Reading a split for training or evaluation, validation (loss, CER, WER), and CMVN from data."""
+from __future__ import annotations
+
+import torch
+
+from paratune.data.loader import FeatureDataset, make_loader, model_inputs
+from paratune.data.manifest import read_lengths
+from paratune.data.sampler import MemoryBoundedSampler
+from paratune.modeldir import ASRModel
+from paratune.train.metrics import error_rate
+
+
+def load_split(paths, spec):
+    """The manifests' usable lines as loader rows (key, source, target), their lengths, the bad lines."""
+    lengths, errors = read_lengths(paths, spec.tokenizer, spec.frontend.lfr_n, spec.frontend.frame_shift,
+                                   spec.frontend.frame_length)
+    rows = [{"key": key, "source": str(lengths.source(i)), "target": lengths.targets[i] or ""}
+            for i, key in enumerate(lengths.keys)]
+    return rows, lengths, errors
+
+
+def estimate_cmvn(rows, frontend, n: int = 2000) -> torch.Tensor:
+    """Mean and inverse std of the features of up to n training utterances, in am.mvn's layout."""
+    from paratune.data.audio import load_audio
+    frontend.eval()
+    feats = torch.cat([frontend.features(load_audio(r["source"], frontend.fs)) for r in rows[:n]])
+    return torch.stack([-feats.mean(0), 1 / feats.std(0).clamp_min(1e-3)])
+
+
+@torch.no_grad()
+def validate(asr: ASRModel, rows, lengths, device, batch_frames: int = 20000) -> dict:
+    model = asr.model.eval()
+    sampler = MemoryBoundedSampler(lengths.frames, lengths.tokens, max_frames=batch_frames, shuffle=False)
+    loader = make_loader(FeatureDataset(rows, asr.frontend, asr.tokenizer, train=False), sampler, workers=0)
+    hyps, refs, loss_sum, weight_sum = [], [], 0.0, 0.0
+    for batch in loader:
+        inputs = model_inputs(batch, device)
+        loss, _, weight = model(**inputs)
+        loss_sum += float(loss) * float(weight)
+        weight_sum += float(weight)
+        for ids, i in zip(model.decode(inputs["speech"], inputs["speech_lengths"]), batch["indices"]):
+            hyps.append(asr.text(ids))
+            refs.append(rows[i]["target"])
+    model.train()
+    return {"loss": loss_sum / max(weight_sum, 1e-9), "cer": error_rate(hyps, refs, "char"),
+            "wer": error_rate(hyps, refs, "word"), "utterances": len(refs)}
