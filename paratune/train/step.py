@@ -222,6 +222,9 @@ def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device,
             if on_oom:
                 on_oom(e, len(m.batch["speech_lengths"]))
         if agreement.failed(oom):
+            if not oom and on_oom:  # under DDP this rank only learns it here
+                on_oom(distributed.PeerOutOfMemory("another rank ran out of memory; dropping this micro-batch "
+                                                   "with it"), len(m.batch["speech_lengths"]))
             return i, stats
     return None, stats
 

@@ -23,7 +23,7 @@ def _memtracker_peak(tracer, shape):
         tracker = MemTracker()
         tracker.track_external(tracer.model, tracer.optimizer)
         with tracker:
-            tracer._step(data)
+            tracer._step([data, data])  # as trace() runs it: two micro-batches
         return int(next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"])
 
 
@@ -42,10 +42,14 @@ def test_peak_equals_memtracker(config, options, fake):
 def test_stages_follow_the_gradients(config):
     tracer = StepTracer(config, 100, 560)
     traced = tracer.trace(4, 100, 12)
-    grads = [g for g, _ in traced.stages]
+    grads = [g for g, _, _ in traced.stages]
     assert grads[0] == 0  # forward: no gradients yet (the step frees them)
     assert max(grads) == tracer.resident()["gradients"]  # every parameter's gradient at the optimizer step
-    assert max(a + g for g, a in traced.stages) == traced.peak
+    assert max(a + g for g, a, _ in traced.stages) == traced.peak
+    # the second micro-batch runs with every gradient allocated: its stages are the step's peak
+    parts = [p for _, _, p in traced.stages]
+    assert parts[1] == 0 and 1 in parts and parts[-1] == 2
+    assert traced.part_peak((1,)) == traced.peak > traced.single
     # the tags name the top-level modules that made the activations
     assert any(k.startswith("forward: encoder") for k in traced.breakdown)
 

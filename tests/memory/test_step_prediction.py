@@ -1,0 +1,194 @@
+"""The memory model against real training steps: accumulation, a step split by an OOM, DDP per rank.
+
+The model is fitted once on fake tensors (as `paratune plan` does); each check then runs real steps of
+`paratune.train.step.train_step` on CPU tensors, measured by `PeakMemory`, at 10 (B, T, U) shapes the fit
+never saw, and compares the peak with `MemoryModel.step_peak` of the step's micro-batch shapes
+(benchmarks/step_memory.py gives the same figures for the small and medium configs).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from paratune.memory.estimate import fit, random_shapes
+from paratune.memory.trace import StepOptions, StepTracer, fake_batch
+from paratune.train.guard import InjectOOM
+from tests.model.reference import load_config, small_config
+
+VOCAB, INPUT = 100, 560
+MAX_FRAMES, MAX_TOKENS, MAX_BATCH = 200, 40, 8
+N, SEED, TOL = 10, 21, 0.03
+
+
+def error(predicted: int, real: int) -> float:
+    return (predicted - real) / real
+
+
+def unseen(n: int, seed: int, min_batch: int = 1) -> list[tuple[int, int, int]]:
+    shapes = [s for s in random_shapes(10 * n, MAX_BATCH, MAX_FRAMES, MAX_TOKENS, seed) if s[0] >= min_batch]
+    return shapes[:n]
+
+
+def assert_within(rows, what: str) -> None:
+    """rows: (micro-batch shapes, real peak, predicted peak)."""
+    bad = [(shapes, real, pred, f"{100 * error(pred, real):+.2f} %") for shapes, real, pred in rows
+           if abs(error(pred, real)) > TOL]
+    assert not bad, f"{what}: {len(bad)} of {len(rows)} steps off by more than {TOL:.0%}: {bad}"
+
+
+@pytest.fixture(scope="module")
+def config(large_dir):
+    return small_config(load_config(large_dir))
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    return fit(StepTracer(config, VOCAB, INPUT, StepOptions()), max_frames=MAX_FRAMES, max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def ddp_model(config):
+    return fit(StepTracer(config, VOCAB, INPUT, StepOptions(ddp=True)), max_frames=MAX_FRAMES, max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def real(config):
+    return StepTracer(config, VOCAB, INPUT, StepOptions(), fake=False)
+
+
+@pytest.mark.slow
+def test_the_shapes_are_unseen(model, ddp_model):
+    probes = {(p["batch"], p["frames"], p["tokens"]) for m in (model, ddp_model) for p in m.probes}
+    shapes = unseen(N, SEED) + unseen(N, SEED + 1, min_batch=2)
+    assert len(shapes) == 2 * N and not probes & set(shapes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accum", [1, 2, 4], ids=["accum1", "accum2", "accum4"])
+def test_accumulated_steps(model, real, accum):
+    """Micro-batches of different shapes: the first grows the gradients as its backward runs, the later
+    ones run with every gradient allocated."""
+    others = iter(random_shapes(N * (accum - 1), MAX_BATCH, MAX_FRAMES, MAX_TOKENS, seed=SEED + 10 + accum))
+    steps = [[s] + [next(others) for _ in range(accum - 1)] for s in unseen(N, SEED)]
+    rows = [(shapes, real.trace_step(shapes).peak, model.step_peak(shapes)) for shapes in steps]
+    assert_within(rows, f"accum_grad {accum}")
+    if accum > 1:
+        # the shapes make the later micro-batches matter: a model that priced every micro-batch as a
+        # first one (gradients growing) would miss some steps by more than the tolerance
+        as_first = [error(max(model.peak(*s) for s in shapes), r) for shapes, r, _ in rows]
+        assert max(map(abs, as_first)) > TOL, as_first
+
+
+def halves(shape):
+    """The two micro-batches `train_step` splits a batch of `shape` into (`paratune.train.step.take`:
+    rows [0:n//2] and [n//2:n], each trimmed to its own longest row; here every row is full length)."""
+    b, t, u = shape
+    return [(b // 2, t, u), (b - b // 2, t, u)]
+
+
+def input_bytes(shape) -> int:
+    """The bytes of the batch's own tensors (made before the step, as a data loader makes them)."""
+    return sum(v.untyped_storage().nbytes() for v in fake_batch(*shape, INPUT, VOCAB).values())
+
+
+@pytest.fixture(scope="module")
+def split_steps(model, real):
+    """Real steps whose only micro-batch runs out of memory in the encoder's forward (injected) and is
+    split once: (shape, real peak, predicted peak of the halves)."""
+    inject = InjectOOM(real.model, [])
+    rows = []
+    for shape in unseen(N, SEED + 1, min_batch=2):
+        inject.steps.add(1)
+        inject.count = 0  # odd: the injection is in forward
+        inject.arm(1)
+        peak = real.trace_step([shape]).peak
+        assert not inject.armed, "the injected OOM did not fire"
+        rows.append((shape, peak, model.step_peak(halves(shape))))
+    # the full batch would have needed more: the split is what the step ran
+    assert all(model.step_peak([s]) > pred for s, _, pred in rows)
+    return rows
+
+
+@pytest.mark.slow
+def test_split_step_less_the_input_batch(split_steps):
+    """The split step's own tensors as predicted. `take` makes the halves as views of the batch's tensors
+    inside the step, and PeakMemory counts a storage first seen through a view as new: the batch's bytes,
+    which existed before the step (and which no unsplit step's figure includes), are taken off here."""
+    assert_within([(halves(s), r - input_bytes(s), p) for s, r, p in split_steps], "split once by an OOM")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="PeakMemory counts the OOM'd batch's own input tensors (pre-existing, "
+                                       "seen through take()'s views) as allocated in the step: 4-6 % high")
+def test_split_step_as_tracked(split_steps):
+    assert_within([(halves(s), r, p) for s, r, p in split_steps], "split once by an OOM, PeakMemory as is")
+
+
+def _ddp_rank(rank: int, world: int, config: dict, shapes, tmp: str) -> None:
+    """One rank of a real gloo group: the DDP step (default agreement and dist.all_reduce) at each shape,
+    each rank on its own random speech, tracked by PeakMemory."""
+    import torch.distributed as dist
+
+    from paratune.memory.tracker import PeakMemory
+    from paratune.model.paraformer import build_paraformer
+    from paratune.train.step import Micro, prepare_model, train_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        options = StepOptions(ddp=True)
+        ready = prepare_model(build_paraformer(config, VOCAB, INPUT), options)
+        net, optimizer = ready.model, ready.optimizer
+        gen = torch.Generator().manual_seed(1000 + rank)
+
+        def batch(b, t, u):
+            out = fake_batch(b, t, u, INPUT, VOCAB)
+            out["speech"] = torch.randn(b, t, INPUT, generator=gen)
+            return out
+
+        def step(data):
+            return train_step(net, optimizer, [Micro(data, 1.0)], grad_clip=options.grad_clip, world_size=world)
+
+        step(batch(1, 8, 2))  # creates the optimizer state, as every later step of a run has it
+        peaks = []
+        for shape in shapes:
+            data = batch(*shape)
+            with PeakMemory(net, optimizer) as m:
+                step(data)
+            peaks.append(m.peak)
+        # different data, averaged gradients: the ranks' weights stay equal only if the all-reduce ran
+        checksum = float(torch.cat([p.detach().reshape(-1) for p in net.parameters()]).double().sum())
+        with open(f"{tmp}/rank{rank}.json", "w") as f:
+            json.dump({"peaks": peaks, "checksum": checksum}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, args, world: int = 2, timeout_s: float = 600.0) -> None:
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=2):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} ranks did not finish within {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
+
+
+@pytest.mark.slow
+def test_ddp_per_rank(config, ddp_model, tmp_path):
+    shapes = unseen(N, SEED)
+    run_ranks(_ddp_rank, (2, config, shapes, str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    for r, got in enumerate(ranks):
+        assert_within([([s], peak, ddp_model.step_peak([s])) for s, peak in zip(shapes, got["peaks"])],
+                      f"DDP rank {r} of 2")
