@@ -59,7 +59,7 @@ def accuracy(n: int, seed: int) -> None:
             real = StepTracer(config, vocab, 560, options, fake=False)
             rows = []
             for b, t, u in random_shapes(n, 16, 300, 60, seed=seed):
-                measured = real.trace(b, t, u).peak
+                measured = real.trace_step([(b, t, u)]).peak
                 predicted = model.peak(b, t, u)
                 rows.append((b, t, u, measured, predicted, (predicted - measured) / measured))
             errors = np.array([r[-1] for r in rows])

@@ -196,7 +196,7 @@ def paratune_step_fn(model, config):
     grad_clip = float(config.get("train_conf", {}).get("grad_clip", 5.0))
 
     def step(batch):
-        stats = train_step(model, optimizer, batch, grad_clip=grad_clip)
+        stats = train_step(model, optimizer, batch, grad_clip=grad_clip).floats()
         return {k: stats[k] for k in ("loss", "acc", "grad_norm") if k in stats}
 
     return optimizer, step, grad_clip

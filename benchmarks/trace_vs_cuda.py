@@ -51,7 +51,7 @@ def fake_steps(spec, options: StepOptions, shapes, device: str) -> list[dict]:
         tracer = StepTracer(spec.config, spec.vocab_size, spec.input_size, options)
         out = []
         for s in shapes:
-            traced = tracer.trace(*s)
+            traced = tracer.trace_step([s])  # one micro-batch, as real_steps runs
             out.append({"peak": traced.peak, "at_peak": dict(traced.breakdown)})
     return out
 

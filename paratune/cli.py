@@ -1,9 +1,7 @@
 """The `paratune` command line."""
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
 
@@ -212,7 +210,9 @@ def _explain(args, spec, plan) -> None:
         return
     b, t, u = (int(x) for x in shapes[int(np.argmax(plan.predicted()))])
     opts = {k: v for k, v in plan.limit.model.options.items() if k in StepOptions.__dataclass_fields__}
-    traced = StepTracer(spec.config, spec.vocab_size, spec.input_size, StepOptions(**opts)).trace(b, t, u)
+    tracer = StepTracer(spec.config, spec.vocab_size, spec.input_size, StepOptions(**opts))
+    # with accumulation the costliest micro-batch is a later one: every gradient is allocated by then
+    traced = tracer.trace_step([(b, t, u)] * (2 if plan.run.accum > 1 else 1))
     print(f"where the peak goes, costliest batch (B={b}, T={t}, U={u}), traced: {traced.peak / 2**30:.3f} GiB"
           + (" on one device (before FSDP sharding)" if plan.limit.model.options.get("fsdp_world_size") else ""))
     for tag, n in sorted(traced.breakdown.items(), key=lambda kv: -kv[1]):
@@ -317,135 +317,15 @@ def _doctor(args) -> int:
     return EXIT_OK if report["findings"] else EXIT_FAILED  # no finding: no file could be read
 
 
-def _config_flags(p: argparse.ArgumentParser) -> None:
-    """The configuration flags `plan` and `finetune` share (paratune.train.config.FLAGS); unset, the
-    configuration decides (defaults < model config.yaml < --config < ++overrides < these)."""
-    p.add_argument("--config", type=Path, help="YAML with train_conf, optim_conf, scheduler_conf, dataset_conf, "
-                                               "memory, freeze, lora")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="memory.precision (default fp32)")
-    p.add_argument("--checkpointing", choices=["auto", "on", "off"],
-                   help="activation checkpointing of every block; auto (default): only if something does not "
-                        "fit without")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], help="optim_conf.optimizer (default adamw)")
-    p.add_argument("--freeze", nargs="*", default=None, metavar="PREFIX",
-                   help="parameter-name prefixes not trained, e.g. encoder.")
-    p.add_argument("--margin", type=float, default=None,
-                   help="share of the budget kept free (default: the calibration, else 0.10 on cuda)")
-    p.add_argument("--max-batch", type=int, default=None, help="at most this many utterances per batch")
-    p.add_argument("--seed", type=int, default=None, help="train_conf.seed: the sampler's shuffle (default 0)")
-    p.add_argument("--buffer-size", type=int, default=None, help="utterances sorted together (default 20000)")
-    p.add_argument("--buckets", type=float, default=None, metavar="GROWTH",
-                   help="pad T up to geometric bucket lengths growing by GROWTH, e.g. 1.1 (default: no buckets)")
-    p.add_argument("--costliest-first", action=argparse.BooleanOptionalAction, default=None,
-                   help="start each epoch with the costliest batch, so an OOM shows at once (default on)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paratune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("transcribe", help="decode audio with a FunASR Paraformer model directory",
-                       description="Prints `key<TAB>text` per utterance. INPUT: audio files (key = file stem), "
-                                   "a Kaldi wav.scp, or a FunASR jsonl. Bad inputs are reported on stderr; "
-                                   "the others are still decoded (exit status 1 if any failed).")
-    p.add_argument("--model", required=True, type=Path, help="model directory (config.yaml, model.pt, tokens, am.mvn)")
-    p.add_argument("--batch-size", type=int, default=8, help="utterances decoded together (default 8)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.set_defaults(func=_transcribe)
-
-    p = sub.add_parser("plan", help="batches for a manifest under a memory budget, predicted before training",
-                       description="Fits (or loads the cached) memory model of a training step for the model "
-                                   "directory and options, packs the manifest's utterances into batches whose "
-                                   "predicted peak stays within the budget, and reports them. Reads only the "
-                                   "manifest's lengths when it has them (source_len: 10 ms frames, as FunASR "
-                                   "writes it). Exit status 1 when some utterances cannot be planned.")
-    p.add_argument("--model", required=True, type=Path, help="model directory (config.yaml, tokens, am.mvn)")
-    p.add_argument("--data", required=True, type=Path, nargs="+", help="FunASR jsonl manifest(s)")
-    p.add_argument("--budget", required=True, help="memory per device, e.g. 24GiB")
-    _config_flags(p)
-    p.add_argument("--world-size", type=int, default=1, help="ranks; without --fsdp each keeps a DDP replica")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what the plan is for (default cuda)")
-    p.add_argument("--holdout", type=int, default=2, help="unseen shapes the fit is checked on (default 2)")
-    p.add_argument("--calibrate", action="store_true", help="measure real steps on the device and keep the correction")
-    p.add_argument("--explain", action="store_true", help="where the costliest batch's peak goes")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--png", default="plan.png", help="plot of predicted need per batch (default plan.png; '' for none)")
-    p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")
-    p.set_defaults(func=_plan)
-
-    p = sub.add_parser("prepare", help="check a corpus and write a canonical jsonl with lengths and a report",
-                       description="INPUT: FunASR jsonl, Kaldi wav.scp (with `text` beside it) or data folder, or a "
-                                   "folder of audio (with --transcripts). Writes OUTPUT/data.jsonl (key, source, "
-                                   "target, source_len, target_len, duration, sample_rate, frames, tokens), "
-                                   "report.json, report.txt and report.png. Every utterance left out is in the "
-                                   "report with its reason (exit status 1 if any).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--model", required=True, type=Path, help="model directory: its tokens and frontend")
-    p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--transcripts", type=Path, help="TSV `name<TAB>text` for a folder of audio")
-    p.add_argument("--max-duration", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--long-audio", choices=["split", "drop", "keep"], default="keep",
-                   help="clips over --max-duration: cut at pauses (silero-vad), leave out, or keep (default)")
-    p.add_argument("--align-model", type=Path, help="model directory whose CIF predictor divides transcripts "
-                                                    "when splitting labelled audio")
-    p.add_argument("--workers", type=int, default=16, help="threads reading audio headers")
-    p.set_defaults(func=_prepare)
-
-    p = sub.add_parser("demo", help="fine-tune the bundled tiny model on the bundled set (CPU, a few minutes)",
-                       description="Runs `paratune finetune` on the bundled model and fine-tuning set (a speaking "
-                                   "condition the model never heard) and prints the CER before and after.")
-    p.add_argument("--output", type=Path, default=Path("exp/demo"), help="where the run goes (default exp/demo)")
-    p.add_argument("--budget", default="2GiB", help="memory budget (default 2GiB of CPU tensors)")
-    p.set_defaults(func=_demo)
-
-    p = sub.add_parser("doctor", help="explain GPU memory in FunASR training logs or paratune's memory.csv",
-                       description="Reads FunASR 1.x per-step log lines (GPU, memory: usage/peak/cache/cache_peak), "
-                                   "FunASR 0.x epoch summaries, DeepSpeed MemAllocated= lines and paratune's "
-                                   "memory.csv, and says what happened (leak, fragmentation, outlier_batch, "
-                                   "near_capacity, host_memory, healthy, no_memory_data) with the figures and "
-                                   "the fix, as paratune and as FunASR settings. Several files are one run.")
-    p.add_argument("logs", nargs="+", type=Path, metavar="LOG")
-    p.add_argument("--json", action="store_true", help="print {lines_parsed, ranks, findings, notes} as JSON")
-    p.add_argument("--png", type=Path, help="plot the log's memory figures over steps")
-    p.add_argument("--gpu-memory", help="the card's memory, e.g. 80GiB (for near_capacity)")
-    p.set_defaults(func=_doctor)
-
-    p = sub.add_parser("finetune", help="train a Paraformer within a memory budget",
-                       description="Plans batches with the memory model, trains with OOM recovery, watches memory "
-                                   "every step, writes OUTPUT/final (a FunASR model directory), memory.csv, "
-                                   "memory.png, ledger.jsonl, checkpoint.pt. FunASR-style overrides: "
-                                   "++train_conf.max_epoch=1.")
-    p.add_argument("--model", required=True, type=Path, help="model directory to start from")
-    p.add_argument("--train", required=True, type=Path, nargs="+", help="jsonl manifest(s)")
-    p.add_argument("--valid", type=Path, nargs="+", help="jsonl manifest(s) for validation each epoch")
-    p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--budget", help="memory per device (default: the GPU's memory; 8GiB of tensors on CPU)")
-    _config_flags(p)
-    p.add_argument("--device", default=None)
-    p.add_argument("--from-scratch", action="store_true", help="random weights (the directory needs no model.pt)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
-                                                       "state over the ranks (FSDP2 fully_shard per block)")
-    p.add_argument("--inject-oom", metavar="STEP[,STEP...]",
-                   help="raise a real torch.OutOfMemoryError at these steps (testing the recovery)")
-    p.add_argument("--inject-oom-rank", type=int, default=None, metavar="R",
-                   help="inject on rank R only (default: every rank)")
-    p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")
-    p.set_defaults(func=_finetune)
-
-    p = sub.add_parser("eval", help="CER and WER of a model directory on a manifest")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--data", required=True, type=Path, nargs="+")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_eval)
-    return parser
+COMMANDS = {"transcribe": _transcribe, "plan": _plan, "prepare": _prepare, "demo": _demo,
+            "doctor": _doctor, "finetune": _finetune, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from paratune.parser import build_parser
+    from paratune.train.distributed import set_alloc_conf
+    set_alloc_conf()  # every command, before any of them touches CUDA
+    args = build_parser(COMMANDS, __doc__).parse_args(argv)
     return args.func(args)
 
 

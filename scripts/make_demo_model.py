@@ -405,7 +405,7 @@ def main() -> int:
             step += 1
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            stats = train_step(model, optimizer, batch, grad_clip=5.0)
+            stats = train_step(model, optimizer, batch, grad_clip=5.0).floats()
             for k in ("loss", "loss_att", "loss_pre", "acc"):
                 sums[k] = sums.get(k, 0.0) + stats[k]
             n += 1

@@ -293,7 +293,8 @@ def summary(plan: Plan) -> str:
         f"options: precision {m.options.get('precision')}, checkpointing "
         f"{'on' if m.options.get('checkpointing') else 'off'}, optimizer {m.options.get('optimizer')}"
         + (f", FSDP over {m.options['fsdp_world_size']} ranks" if m.options.get("fsdp_world_size") else "")
-        + (", DDP" if m.options.get("ddp") else ""),
+        + (", DDP" if m.options.get("ddp") else "")
+        + (f", {plan.run.accum} micro-batches per step" if plan.run.accum > 1 else ""),
         ("calibrated on " + str(m.calibration.get("device")) + f": predicted x {limit.scale:.3f}")
         if limit.calibrated else
         (f"uncalibrated: predicted tensor bytes + {100 * (limit.scale - 1):.0f} % margin for the allocator "

@@ -56,12 +56,18 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
+def set_alloc_conf() -> None:
+    """Expandable segments for the CUDA caching allocator, unless the user chose: it reads the variable
+    once, when CUDA starts, so this must come before anything touches CUDA."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+
+
 def setup(device_arg: str | None = None) -> World:
     """The world torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), its group joined, the device chosen.
 
     PYTORCH_CUDA_ALLOC_CONF is set before anything touches CUDA (set_device initialises it), on every
     path: one process or many, torchrun or not; a value the user set is kept."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+    set_alloc_conf()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
     if size < 2:

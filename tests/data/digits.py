@@ -80,6 +80,6 @@ def train_digit_model(fsdd: Path, out_dir: Path, steps: int = 700, seed: int = 0
             "speech": torch.nn.utils.rnn.pad_sequence([f for f, _ in batch], batch_first=True),
             "speech_lengths": torch.tensor([f.shape[0] for f, _ in batch]),
             "text": torch.nn.utils.rnn.pad_sequence([i for _, i in batch], batch_first=True, padding_value=-1),
-            "text_lengths": torch.tensor([len(i) for _, i in batch])}, grad_clip=5.0, return_stats=False)
+            "text_lengths": torch.tensor([len(i) for _, i in batch])}, grad_clip=5.0)
     model.eval()
     return save_model(ASRModel(model, frontend, tokenizer, config), out_dir)

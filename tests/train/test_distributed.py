@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from paratune.cli import main
 from paratune.train import distributed
 from paratune.train.distributed import DistributedError
+from tests.train.fsdd import prepare_fsdd
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE_MODEL = ROOT / "examples" / "fsdd" / "model"
@@ -161,17 +161,8 @@ def fsdd(shared_data, tmp_path_factory):
                 config[section][key] = 0.0
     config["model_conf"]["sampling_ratio"] = 0.0
     (model / "config.yaml").write_text(yaml.safe_dump(config))
-    folder = tmp / "wavs"
-    folder.mkdir()
-    files = [p for p in sorted((shared_data / "fsdd").glob("*.wav")) if p.stem.split("_")[1] in ("george", "jackson")]
-    files = files[:: max(1, len(files) // 60)][:60]
-    for p in files:
-        (folder / p.name).symlink_to(p)
-    tsv = tmp / "train.tsv"
-    tsv.write_text("".join(f"{p.name}\t{p.stem.split('_')[0]}\n" for p in files))
-    assert main(["prepare", str(folder), "--transcripts", str(tsv), "--model", str(model),
-                 "--output", str(tmp / "data")]) == 0
-    return {"model": model, "train": tmp / "data" / "data.jsonl", "cache": tmp / "cache"}
+    train = prepare_fsdd(shared_data, tmp / "train", ("george", "jackson"), 60, model)
+    return {"model": model, "train": train, "cache": tmp / "cache"}
 
 
 # SGD, no clipping, no warmup: the update is the gradient times the rate, so a split step that summed its

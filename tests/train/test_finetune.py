@@ -8,6 +8,7 @@ import pytest
 
 from paratune.cli import main
 from paratune.train.config import ConfigError, load_config
+from tests.train.fsdd import prepare_fsdd
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE_MODEL = ROOT / "examples" / "fsdd" / "model"
@@ -17,20 +18,8 @@ RECIPE_MODEL = ROOT / "examples" / "fsdd" / "model"
 def digits(shared_data, tmp_path_factory):
     """200 FSDD recordings prepared by `paratune prepare` (train) and 40 of another speaker (valid)."""
     tmp = tmp_path_factory.mktemp("fsdd")
-    out = {}
-    for split, speakers, n in (("train", ("george", "jackson"), 100), ("valid", ("lucas",), 40)):
-        folder = tmp / split
-        folder.mkdir()
-        files = [p for p in sorted((shared_data / "fsdd").glob("*.wav")) if p.stem.split("_")[1] in speakers]
-        files = files[:: max(1, len(files) // n)][:n]
-        for p in files:
-            (folder / p.name).symlink_to(p)
-        tsv = tmp / f"{split}.tsv"
-        tsv.write_text("".join(f"{p.name}\t{p.stem.split('_')[0]}\n" for p in files))
-        assert main(["prepare", str(folder), "--transcripts", str(tsv), "--model", str(RECIPE_MODEL),
-                     "--output", str(tmp / f"{split}_data")]) == 0
-        out[split] = tmp / f"{split}_data" / "data.jsonl"
-    return out
+    return {split: prepare_fsdd(shared_data, tmp / split, speakers, n, RECIPE_MODEL)
+            for split, speakers, n in (("train", ("george", "jackson"), 100), ("valid", ("lucas",), 40))}
 
 
 def _ledger(path):

@@ -13,6 +13,7 @@ import pytest
 
 from paratune.cli import main
 from paratune.train.finetune import Finetune, FinetuneOptions
+from tests.train.fsdd import prepare_fsdd
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "examples" / "fsdd" / "model"
@@ -22,18 +23,7 @@ BUDGET = "30MiB"  # small enough that batches are packed by memory, several per 
 @pytest.fixture(scope="module")
 def train(shared_data, tmp_path_factory):
     """80 FSDD recordings of two speakers, prepared by `paratune prepare`."""
-    tmp = tmp_path_factory.mktemp("plan_is_trained")
-    folder = tmp / "audio"
-    folder.mkdir()
-    files = [p for p in sorted((shared_data / "fsdd").glob("*.wav")) if p.stem.split("_")[1] in ("george", "lucas")]
-    files = files[::max(1, len(files) // 80)][:80]
-    for p in files:
-        (folder / p.name).symlink_to(p)
-    tsv = tmp / "t.tsv"
-    tsv.write_text("".join(f"{p.name}\t{p.stem.split('_')[0]}\n" for p in files))
-    assert main(["prepare", str(folder), "--transcripts", str(tsv), "--model", str(MODEL), "--output",
-                 str(tmp / "data")]) == 0
-    return tmp / "data" / "data.jsonl"
+    return prepare_fsdd(shared_data, tmp_path_factory.mktemp("plan_is_trained"), ("george", "lucas"), 80, MODEL)
 
 
 def planned(capsys, train, overrides, world=1, fsdp=False) -> dict:
