@@ -11,9 +11,8 @@ the fit never saw, B up to 8, their peak measured by `PeakMemory`, and compared 
 
 - accum_grad 1, 2 and 4: the shape, then other random shapes as the later micro-batches;
 - a step split once: its only micro-batch runs out of memory in the encoder's forward (`InjectOOM`) and
-  `train_step` redoes it as two halves (B//2 and B - B//2 rows); predicted: the step of the halves.
-  Shown twice: as PeakMemory tracks it, and less the batch's own input tensors, which `take` views
-  inside the step and PeakMemory counts as allocated there (they existed before the step);
+  `train_step` redoes it as two halves (B//2 and B - B//2 rows, views of the batch); predicted: the
+  step of the halves;
 - DDP: two processes in a real gloo group, each running the step with its gradient all-reduce
   (`dist.all_reduce`) on its own data, each rank's peak against the DDP fit.
 Needs ../shared/data/paraformer_large (the real config).
@@ -102,11 +101,6 @@ def run_ranks(config: dict, vocab: int, shapes, world: int = 2, timeout_s: float
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def input_bytes(shape, vocab: int) -> int:
-    from paratune.memory.trace import fake_batch
-    return sum(v.untyped_storage().nbytes() for v in fake_batch(*shape, INPUT, vocab).values())
-
-
 def measure(config: dict, vocab: int, n: int, seed: int, max_batch: int) -> tuple[dict, dict]:
     """{scenario: [(micro-batch shapes, real peak, predicted peak)]}, {what: seconds}."""
     from paratune.memory.estimate import fit, random_shapes
@@ -139,7 +133,7 @@ def measure(config: dict, vocab: int, n: int, seed: int, max_batch: int) -> tupl
 
     t0 = time.perf_counter()
     inject = InjectOOM(real.model, [])
-    tracked, less_inputs = [], []
+    tracked = []
     for b, t, u in shapes_from(n, seed + 1, min_batch=2):
         inject.steps.add(1)
         inject.count = 0  # odd: the injection is in the encoder's forward
@@ -149,9 +143,7 @@ def measure(config: dict, vocab: int, n: int, seed: int, max_batch: int) -> tupl
         halves = [(b // 2, t, u), (b - b // 2, t, u)]
         pred = model.step_peak(halves)
         tracked.append((halves, peak, pred))
-        less_inputs.append((halves, peak - input_bytes((b, t, u), vocab), pred))
-    rows["split once by an OOM (PeakMemory as is)"] = tracked
-    rows["split once by an OOM, less the batch's inputs"] = less_inputs
+    rows["split once by an OOM"] = tracked
     times["split"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -28,11 +28,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
                    help="start each epoch with the costliest batch, so an OOM shows at once (default on)")
 
 
-def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
-    """`commands` maps each subcommand to the function that runs it."""
-    parser = argparse.ArgumentParser(prog="paratune", description=description)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _transcribe(sub, run) -> None:
     p = sub.add_parser("transcribe", help="decode audio with a FunASR Paraformer model directory",
                        description="Prints `key<TAB>text` per utterance. INPUT: audio files (key = file stem), "
                                    "a Kaldi wav.scp, or a FunASR jsonl. Bad inputs are reported on stderr; "
@@ -42,8 +38,10 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.set_defaults(func=commands["transcribe"])
+    p.set_defaults(func=run)
 
+
+def _plan(sub, run) -> None:
     p = sub.add_parser("plan", help="batches for a manifest under a memory budget, predicted before training",
                        description="Fits (or loads the cached) memory model of a training step for the model "
                                    "directory and options, packs the manifest's utterances into batches whose "
@@ -63,8 +61,10 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--png", default="plan.png", help="plot of predicted need per batch (default plan.png; '' for none)")
     p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")
-    p.set_defaults(func=commands["plan"])
+    p.set_defaults(func=run)
 
+
+def _prepare(sub, run) -> None:
     p = sub.add_parser("prepare", help="check a corpus and write a canonical jsonl with lengths and a report",
                        description="INPUT: FunASR jsonl, Kaldi wav.scp (with `text` beside it) or data folder, or a "
                                    "folder of audio (with --transcripts). Writes OUTPUT/data.jsonl (key, source, "
@@ -81,15 +81,19 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
     p.add_argument("--align-model", type=Path, help="model directory whose CIF predictor divides transcripts "
                                                     "when splitting labelled audio")
     p.add_argument("--workers", type=int, default=16, help="threads reading audio headers")
-    p.set_defaults(func=commands["prepare"])
+    p.set_defaults(func=run)
 
+
+def _demo(sub, run) -> None:
     p = sub.add_parser("demo", help="fine-tune the bundled tiny model on the bundled set (CPU, a few minutes)",
                        description="Runs `paratune finetune` on the bundled model and fine-tuning set (a speaking "
                                    "condition the model never heard) and prints the CER before and after.")
     p.add_argument("--output", type=Path, default=Path("exp/demo"), help="where the run goes (default exp/demo)")
     p.add_argument("--budget", default="2GiB", help="memory budget (default 2GiB of CPU tensors)")
-    p.set_defaults(func=commands["demo"])
+    p.set_defaults(func=run)
 
+
+def _doctor(sub, run) -> None:
     p = sub.add_parser("doctor", help="explain GPU memory in FunASR training logs or paratune's memory.csv",
                        description="Reads FunASR 1.x per-step log lines (GPU, memory: usage/peak/cache/cache_peak), "
                                    "FunASR 0.x epoch summaries, DeepSpeed MemAllocated= lines and paratune's "
@@ -100,8 +104,10 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {lines_parsed, ranks, findings, notes} as JSON")
     p.add_argument("--png", type=Path, help="plot the log's memory figures over steps")
     p.add_argument("--gpu-memory", help="the card's memory, e.g. 80GiB (for near_capacity)")
-    p.set_defaults(func=commands["doctor"])
+    p.set_defaults(func=run)
 
+
+def _finetune(sub, run) -> None:
     p = sub.add_parser("finetune", help="train a Paraformer within a memory budget",
                        description="Plans batches with the memory model, trains with OOM recovery, watches memory "
                                    "every step, writes OUTPUT/final (a FunASR model directory), memory.csv, "
@@ -123,11 +129,27 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
     p.add_argument("--inject-oom-rank", type=int, default=None, metavar="R",
                    help="inject on rank R only (default: every rank)")
     p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")
-    p.set_defaults(func=commands["finetune"])
+    p.set_defaults(func=run)
 
+
+def _eval(sub, run) -> None:
     p = sub.add_parser("eval", help="CER and WER of a model directory on a manifest")
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path, nargs="+")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=commands["eval"])
+    p.set_defaults(func=run)
+
+
+def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
+    """`commands` maps each subcommand to the function that runs it."""
+    parser = argparse.ArgumentParser(prog="paratune", description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _transcribe(sub, commands["transcribe"])
+    _plan(sub, commands["plan"])
+    _prepare(sub, commands["prepare"])
+    _demo(sub, commands["demo"])
+    _doctor(sub, commands["doctor"])
+    _finetune(sub, commands["finetune"])
+    _eval(sub, commands["eval"])
     return parser

@@ -73,8 +73,10 @@ class Finetune:
                 self.epoch, self.position = self.epoch + 1, 0
                 self.validate_and_keep(f"ep{self.epoch - 1}")
                 self.save_state()
-        finally:
-            self.close()
+        except BaseException:
+            self.abort()
+            raise
+        self.close()
         return self.export()
 
     # -- set-up
@@ -303,11 +305,16 @@ class Finetune:
             "epoch": self.epoch, "best": self.best})
 
     def close(self) -> None:
+        """The end of training on every rank: files closed, FSDP's weights gathered, the group left."""
+        self.abort()
+        self.final_state = checkpoint.full_state(self.model, None, True)[0] if self.opts.fsdp else None
+        distributed.teardown()
+
+    def abort(self) -> None:
+        """What is safe on a failure too: no collective (the other ranks may be anywhere)."""
         if self.progress:
             self.progress.stop()
         self.monitor.close()
-        self.final_state = checkpoint.full_state(self.model, None, True)[0] if self.opts.fsdp else None
-        distributed.teardown()
         if self.ledger is not None:
             self.ledger.close()
 
