@@ -42,62 +42,10 @@ def configs() -> dict:
     return {name.split()[0]: (name, config, vocab) for name, (config, vocab) in mod.configs().items()}
 
 
-def _ddp_rank(rank: int, world: int, config: dict, vocab: int, shapes, out: str) -> None:
-    """One rank of a real gloo group: the DDP step at each shape on this rank's own random speech,
-    tracked by PeakMemory, after one warm-up step (the optimizer state)."""
-    import torch.distributed as dist
-
-    from paratune.memory.trace import fake_batch
-    from paratune.memory.tracker import PeakMemory
-    from paratune.model.paraformer import build_paraformer
-    from paratune.train.step import Micro, StepOptions, prepare_model, train_step
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        options = StepOptions(ddp=True)
-        ready = prepare_model(build_paraformer(config, vocab, INPUT), options)
-        net, optimizer = ready.model, ready.optimizer
-        gen = torch.Generator().manual_seed(1000 + rank)
-
-        def batch(b, t, u):
-            data = fake_batch(b, t, u, INPUT, vocab)
-            data["speech"] = torch.randn(b, t, INPUT, generator=gen)
-            return data
-
-        def step(data):
-            return train_step(net, optimizer, [Micro(data, 1.0)], grad_clip=options.grad_clip, world_size=world)
-
-        step(batch(1, 8, 2))
-        peaks = []
-        for shape in shapes:
-            data = batch(*shape)
-            with PeakMemory(net, optimizer) as m:
-                step(data)
-            peaks.append(m.peak)
-        checksum = float(torch.cat([p.detach().reshape(-1) for p in net.parameters()]).double().sum())
-        with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump({"peaks": peaks, "checksum": checksum}, f)
-    finally:
-        dist.destroy_process_group()
-
-
 def run_ranks(config: dict, vocab: int, shapes, world: int = 2, timeout_s: float = 1800.0) -> list[dict]:
-    import torch.multiprocessing as mp
+    from paratune.memory.calibrate import ddp_rank_peaks, spawn_ranks
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_ddp_rank, args=(world, config, vocab, shapes, tmp), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not ctx.join(timeout=2):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {world} ranks did not finish within {timeout_s:.0f} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(10)
+        spawn_ranks(ddp_rank_peaks, (world, config, vocab, INPUT, shapes, tmp), world, timeout_s)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -9,6 +9,7 @@ memory depends on the shapes, not the values (CIF is given the target lengths in
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import platform
 
@@ -83,3 +84,61 @@ def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes
             "rows": rows,
             "allocated_ratio": max(r["allocated"] / r["predicted"] for r in rows),
             "reserved_ratio": max(r["reserved"] / r["predicted"] for r in rows)}
+
+
+def ddp_rank_peaks(rank: int, world: int, config: dict, vocab: int, input_size: int, shapes, out: str) -> None:
+    """One rank of a real gloo group (file store in `out`): the DDP step (default agreement, dist.all_reduce)
+    at each (B, T, U) on this rank's own random speech, tracked by PeakMemory after a warm-up step (the
+    optimizer state). Writes out/rank{rank}.json: the peaks, and a checksum of the weights (equal on
+    every rank only if the gradients were averaged). For benchmarks and tests (torch.multiprocessing)."""
+    import json
+
+    import torch.distributed as dist
+
+    from paratune.model.paraformer import build_paraformer
+    from paratune.train.step import Micro
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        options = StepOptions(ddp=True)
+        ready = prepare_model(build_paraformer(config, vocab, input_size), options)
+        net, optimizer = ready.model, ready.optimizer
+        gen = torch.Generator().manual_seed(1000 + rank)
+
+        def step(b, t, u, tracker=None):
+            data = fake_batch(b, t, u, input_size, vocab)
+            data["speech"] = torch.randn(b, t, input_size, generator=gen)
+            with tracker if tracker is not None else contextlib.nullcontext():
+                train_step(net, optimizer, [Micro(data, 1.0)], grad_clip=options.grad_clip, world_size=world)
+
+        step(1, 8, 2)
+        peaks = []
+        for shape in shapes:
+            tracker = PeakMemory(net, optimizer)
+            step(*shape, tracker=tracker)
+            peaks.append(tracker.peak)
+        checksum = float(torch.cat([p.detach().reshape(-1) for p in net.parameters()]).double().sum())
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"peaks": peaks, "checksum": checksum}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(fn, args, world: int = 2, timeout_s: float = 1800.0) -> None:
+    """`fn(rank, *args)` in `world` spawned processes; raises if one fails or they outlast `timeout_s`."""
+    import time
+
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=2):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} ranks did not finish within {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(10)

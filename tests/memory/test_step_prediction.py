@@ -8,13 +8,12 @@ never saw, and compares the peak with `MemoryModel.step_peak` of the step's micr
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-import torch
 
+from paratune.memory.calibrate import ddp_rank_peaks, spawn_ranks
 from paratune.memory.estimate import fit, random_shapes
-from paratune.memory.trace import StepOptions, StepTracer, fake_batch
+from paratune.memory.trace import StepOptions, StepTracer
 from paratune.train.guard import InjectOOM
 from tests.model.reference import load_config, small_config
 
@@ -114,69 +113,13 @@ def test_split_step(split_steps):
     assert_within([(halves(s), r, p) for s, r, p in split_steps], "split once by an OOM")
 
 
-def _ddp_rank(rank: int, world: int, config: dict, shapes, tmp: str) -> None:
-    """One rank of a real gloo group: the DDP step (default agreement and dist.all_reduce) at each shape,
-    each rank on its own random speech, tracked by PeakMemory."""
-    import torch.distributed as dist
-
-    from paratune.memory.tracker import PeakMemory
-    from paratune.model.paraformer import build_paraformer
-    from paratune.train.step import Micro, prepare_model, train_step
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        options = StepOptions(ddp=True)
-        ready = prepare_model(build_paraformer(config, VOCAB, INPUT), options)
-        net, optimizer = ready.model, ready.optimizer
-        gen = torch.Generator().manual_seed(1000 + rank)
-
-        def batch(b, t, u):
-            out = fake_batch(b, t, u, INPUT, VOCAB)
-            out["speech"] = torch.randn(b, t, INPUT, generator=gen)
-            return out
-
-        def step(data):
-            return train_step(net, optimizer, [Micro(data, 1.0)], grad_clip=options.grad_clip, world_size=world)
-
-        step(batch(1, 8, 2))  # creates the optimizer state, as every later step of a run has it
-        peaks = []
-        for shape in shapes:
-            data = batch(*shape)
-            with PeakMemory(net, optimizer) as m:
-                step(data)
-            peaks.append(m.peak)
-        # different data, averaged gradients: the ranks' weights stay equal only if the all-reduce ran
-        checksum = float(torch.cat([p.detach().reshape(-1) for p in net.parameters()]).double().sum())
-        with open(f"{tmp}/rank{rank}.json", "w") as f:
-            json.dump({"peaks": peaks, "checksum": checksum}, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn, args, world: int = 2, timeout_s: float = 600.0) -> None:
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=2):  # raises if a rank failed
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world} ranks did not finish within {timeout_s:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(10)
-
-
 @pytest.mark.slow
 def test_ddp_per_rank(config, model, ddp_model, tmp_path):
     # and three short batches, whose peak is the gradient bucket of the all-reduce (on top of every
     # gradient) rather than the activations: there the plain step's figure would be 18-24 % low
     short = random_shapes(3, 3, 30, 5, seed=SEED + 2)
     shapes = unseen(N, SEED) + short
-    run_ranks(_ddp_rank, (2, config, shapes, str(tmp_path)))
+    spawn_ranks(ddp_rank_peaks, (2, config, VOCAB, INPUT, shapes, str(tmp_path)), 2, 600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the all-reduce ran
     for r, got in enumerate(ranks):
