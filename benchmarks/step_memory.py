@@ -2,6 +2,7 @@
 
     python benchmarks/step_memory.py                      # small and medium configs, 10 shapes each
     python benchmarks/step_memory.py --configs small --shapes 5
+    python benchmarks/step_memory.py --trainer            # paratune finetune's own memory.csv, accum_grad 1, 2, 4
 
 For each config (small and medium, from benchmarks/memory_model.py) the model is fitted on fake tensors
 (as `paratune plan` does, up to 300 frames and 60 tokens), once for a plain step and once for a DDP step.
@@ -109,13 +110,40 @@ def fmt_step(shapes) -> str:
     return " + ".join(f"({b}, {t}, {u})" for b, t, u in shapes)
 
 
+def trainer(accums=(1, 2, 4)) -> None:
+    """`paratune finetune` on the bundled demo model and set, every step tracked: the tracked peak
+    against the prediction the trainer logged (memory.csv), per accum_grad."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    print("| accum_grad | steps | first step | later steps: worst over | later steps: worst under |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for a in accums:
+            out = Path(tmp) / f"accum{a}"
+            subprocess.run([sys.executable, "-m", "paratune", "finetune", "--model", "paratune/assets/demo_model",
+                            "--train", "paratune/assets/finetune/train.jsonl", "--output", str(out), "--budget", "2GiB",
+                            "--device", "cpu", "--config", "paratune/assets/finetune/finetune.yaml",
+                            "++memory.cpu_track_every=1", f"++train_conf.accum_grad={a}"], cwd=root, check=True,
+                           capture_output=True, env={**os.environ, "PARATUNE_CACHE": str(Path(tmp) / "cache")})
+            rows = list(csv.DictReader(open(out / "memory.csv")))
+            err = [int(r["peak"]) / int(r["predicted"]) - 1 for r in rows]
+            print(f"| {a} | {len(rows)} | {100 * err[0]:+.2f} % | {100 * max(err[1:]):+.2f} % | "
+                  f"{100 * min(err[1:]):+.2f} % |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trainer", action="store_true", help="the trainer's tracked peaks against its log instead")
     parser.add_argument("--configs", nargs="+", choices=["small", "medium"], default=["small", "medium"])
     parser.add_argument("--shapes", type=int, default=10, help="unseen shapes per scenario (default 10)")
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
+    if args.trainer:
+        return trainer()
 
     torch.manual_seed(args.seed)
     available = configs()
