@@ -6,9 +6,10 @@ Each micro-batch's tensors go to the device only when it runs. When one runs out
 step's gradients are dropped (they may hold part of its backward), it is replaced by its two halves
 (each scaled by its share of the loss weight, so the sum is the same gradient) and the step starts
 again. A single utterance that still does not fit is quarantined: reported, never lost silently.
-Across ranks the OOM flag is agreed after every micro-batch, so every rank splits together; then the
-gradients are averaged over the ranks (DDP; FSDP reduce-scatters them in backward), clipped, and the
-optimizer steps.
+Across ranks every rank drops a micro-batch that any rank ran out of memory in, so all split together
+(`paratune.train.distributed`: a flag after each micro-batch under DDP, sync points inside forward and
+backward under FSDP); then the gradients are averaged over the ranks (DDP; FSDP reduce-scatters them in
+backward), clipped, and the optimizer steps.
 """
 from __future__ import annotations
 
