@@ -2,7 +2,8 @@
 
 A `TorchDispatchMode` sees every tensor an operator creates, on real or fake tensors; a weak
 reference to each new storage tells when it is freed. That is what PyTorch's `MemTracker` does too
-(tests/memory checks the two agree byte for byte), but `MemTracker` revisits every module's
+(tests/memory checks the two agree byte for byte, but for tensors made before the step: a view of one
+allocates nothing, which `MemTracker` counts as new), but `MemTracker` revisits every module's
 statistics after every operator, which makes a paraformer-large step cost seconds of Python; this
 keeps one running total and one dict of bytes by tag.
 
