@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +63,6 @@ class Finetune:
         self.step, self.epoch, self.position, self.best = 0, 0, 0, []
 
     def log(self, msg: str) -> None:
-        import sys
         prefix = f"[rank {self.world.rank}] " if self.world.size > 1 else ""
         print(prefix + msg, file=sys.stderr, flush=True)
 
@@ -91,7 +92,6 @@ class Finetune:
         self.tc, self.dc, self.mc = self.config["train_conf"], self.config["dataset_conf"], self.config["memory"]
         self.max_epoch, self.accum = int(self.tc["max_epoch"]), max(1, int(self.tc["accum_grad"]))
         torch.manual_seed(int(self.tc["seed"]))
-        import random
         random.seed(int(self.tc["seed"]))
         self._load_data()
         self.asr = self._build_model()
