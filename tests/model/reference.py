@@ -17,6 +17,15 @@ def small_config(large_config: dict) -> dict:
     return c
 
 
+def medium_config(large_config: dict) -> dict:
+    """The paraformer-large config at 12 + 6 blocks and 256 dims (as benchmarks/memory_model.py's medium)."""
+    c = copy.deepcopy(large_config)
+    c["encoder_conf"].update(output_size=256, attention_heads=4, linear_units=1024, num_blocks=12)
+    c["decoder_conf"].update(attention_heads=4, linear_units=1024, num_blocks=6, att_layer_num=6)
+    c["predictor_conf"]["idim"] = 256
+    return c
+
+
 def load_config(large_dir: Path) -> dict:
     return yaml.safe_load((large_dir / "config.yaml").read_text(encoding="utf-8"))
 
