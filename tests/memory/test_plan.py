@@ -195,8 +195,9 @@ def test_fsdp_and_ddp_plans(capsys, manifest):
     assert ddp["options"]["ddp"] and fsdp["options"]["fsdp_world_size"] == 4
     # DDP has the same static bytes; its gradient all-reduce adds a bucket after the backward
     assert fsdp["static_bytes"] < one["static_bytes"] == ddp["static_bytes"]
-    assert sorted((b["rank"], b["step"]) for b in ddp["batches"]) == [
-        (r, s) for s in range(1, len(ddp["batches"]) // 2 + 1) for r in (0, 1)][::1] or True
+    # step-major over the ranks: every step gives each rank one batch
+    assert [(b["step"], b["rank"]) for b in ddp["batches"]] == [
+        (step, rank) for step in range(1, len(ddp["batches"]) // 2 + 1) for rank in (0, 1)]
     assert len(ddp["batches"]) >= len(one["batches"])
 
 
