@@ -203,9 +203,11 @@ class PeakMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tag = "backward" if torch._C._current_autograd_node() is not None else self._tag
-        # a view of an input allocates nothing, even when the input was made before the step (a split
-        # batch's halves are views of the batch)
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        # a view of an input (or an in-place op on one) allocates nothing, even when the input was made
+        # before the step (a split batch's halves are views of the batch); the schema says which ops alias
+        inputs, schema = (), getattr(func, "_schema", None)
+        if schema is None or any(r.alias_info is not None for r in schema.returns):
+            inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and (id(t.untyped_storage()) not in inputs
                                                 or id(t.untyped_storage()) in self._live):
