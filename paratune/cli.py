@@ -67,15 +67,11 @@ def _log(msg: str) -> None:
 def _read_plan_inputs(args):
     """The budget, model directory, configuration (with --config, ++overrides and flags) and lengths."""
     from paratune.data.manifest import read_lengths
-    from paratune.memory.plan import PlanError, parse_bytes
+    from paratune.memory.plan import parse_bytes
     from paratune.modeldir import read_model_dir
     from paratune.train.config import apply_flags, load_config
 
     budget = parse_bytes(args.budget)
-    if args.world_size < 1:
-        raise PlanError(f"--world-size must be at least 1, got {args.world_size}")
-    if args.fsdp and args.world_size < 2:
-        raise PlanError("--fsdp shards over ranks: give --world-size 2 or more")
     spec = read_model_dir(args.model)
     config = apply_flags(load_config(spec.config, args.config, _overrides(args, ("data",))), vars(args))
     fe = spec.frontend

@@ -108,26 +108,28 @@ def planned_frames(lengths: Lengths, config: dict) -> np.ndarray:
 
 @dataclass
 class RunPlan:
-    """What `plan_run` decides: the limit, the step options (checkpointing on or off), the sampler."""
+    """What `plan_run` decides: the step options (checkpointing on or off), the sampler and its limit."""
 
-    limit: Limit
     options: StepOptions
     sampler: MemoryBoundedSampler
     frames: np.ndarray  # planned frames per utterance
     accum: int
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def limit(self) -> Limit:
+        return self.sampler.limit
+
     def step_of(self, position: int) -> int:
         """The optimizer step (from 1) that trains a rank's batch at `position` (from 0) of the epoch."""
         return position // self.accum + 1
 
 
-def _too_big(limit: Limit, frames: np.ndarray, tokens: np.ndarray, bounds) -> int:
-    """How many utterances do not fit even alone (padded to their bucket)."""
-    if bounds:
-        i = np.searchsorted(bounds, frames)
-        frames = np.where(i < len(bounds), np.asarray(bounds)[np.minimum(i, len(bounds) - 1)], frames)
-    return int((limit.need(np.ones_like(frames), frames, tokens) > limit.budget).sum())
+def _too_big(sampler: MemoryBoundedSampler) -> int:
+    """How many utterances do not fit even alone (padded as the sampler pads them), without packing."""
+    frames = np.array([sampler.padded(int(t)) for t in sampler.frames], dtype=np.int64)
+    limit = sampler.limit
+    return int((limit.need(np.ones_like(frames), frames, sampler.tokens) > limit.budget).sum())
 
 
 def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "cuda", world_size: int = 1,
@@ -137,14 +139,17 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
     one that fits on rank 0 and shares it)."""
     if not len(lengths):
         raise PlanError("the manifest has no usable utterances: nothing to plan")
-    if world_size < 1 or (fsdp and world_size < 2):
-        raise PlanError("--fsdp shards over ranks: 2 or more" if fsdp else f"world size {world_size} < 1")
+    if world_size < 1:
+        raise PlanError(f"--world-size must be at least 1, got {world_size}")
+    if fsdp and world_size < 2:
+        raise PlanError("--fsdp shards over ranks: give --world-size 2 or more (under torchrun, --nproc-per-node)")
     dc, mc, tc = config["dataset_conf"], config["memory"], config["train_conf"]
     frames, accum = planned_frames(lengths, config), max(1, int(tc["accum_grad"]))
     t_max, u_max = int(frames.max()), int(lengths.tokens.max())
     fit = fit or (lambda o, t, u: load_or_fit(spec.config, spec.vocab_size, spec.input_size, o, t, u, log=log)[0])
+    bounds = bucket_boundaries(t_max, dc["buckets"]) if dc["buckets"] else None
 
-    def limit_for(checkpointing: bool) -> tuple[Limit, StepOptions]:
+    def sampler_for(checkpointing: bool) -> tuple[MemoryBoundedSampler, StepOptions]:
         options = step_options(config, device, world_size, fsdp, checkpointing)
         model = fit(options, t_max, u_max)
         if fsdp:  # per rank: sharded parameters, gradients, optimizer state
@@ -153,33 +158,34 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
             from paratune.memory.shard import shard_model
             with torch.device("meta"):
                 model = shard_model(model, spec.build(), world_size)
-        return Limit(model, budget, device, mc["margin"], accumulate=accum > 1), options
+        limit = Limit(model, budget, device, mc["margin"], accumulate=accum > 1)
+        sampler = MemoryBoundedSampler(frames, lengths.tokens, limit, seed=int(tc["seed"]),
+                                       buffer_size=int(dc["buffer_size"]), buckets=bounds,
+                                       costliest_first=bool(dc["costliest_first"]), max_batch=dc["max_batch"],
+                                       world_size=world_size, rank=rank)
+        return sampler, options
 
-    bounds = bucket_boundaries(t_max, dc["buckets"]) if dc["buckets"] else None
-    limit, options = limit_for(mc["checkpointing"] == "on")
+    sampler, options = sampler_for(mc["checkpointing"] == "on")
     notes = []
     if mc["checkpointing"] == "auto":
-        alone = _too_big(limit, frames, lengths.tokens, bounds)
+        alone = _too_big(sampler)
         if alone:
             if log:
                 log(f"{alone} utterances do not fit without activation checkpointing; trying with it")
-            other, other_options = limit_for(True)
-            fewer = _too_big(other, frames, lengths.tokens, bounds)
+            other, other_options = sampler_for(True)
+            fewer = _too_big(other)
             if fewer < alone:
-                limit, options = other, other_options
+                sampler, options = other, other_options
                 notes.append(f"activation checkpointing on: without it {alone} utterances do not fit even "
                              f"alone, with it {fewer}")
+    limit = sampler.limit
     need_static = limit.model.static_step * limit.scale
     if need_static > budget:
         raise PlanError(f"the budget {gib(budget)} is below the static memory of a step, {gib(need_static)} "
                         f"(parameters, gradients and optimizer state{', with the margin' if limit.scale > 1 else ''}"
                         "): no batch can fit. Raise the budget, shard with --fsdp, freeze modules, or use "
                         "++optim_conf.optimizer=sgd")
-    sampler = MemoryBoundedSampler(frames, lengths.tokens, limit, seed=int(tc["seed"]),
-                                   buffer_size=int(dc["buffer_size"]), buckets=bounds,
-                                   costliest_first=bool(dc["costliest_first"]), max_batch=dc["max_batch"],
-                                   world_size=world_size, rank=rank)
-    return RunPlan(limit, options, sampler, frames, accum, notes)
+    return RunPlan(options, sampler, frames, accum, notes)
 
 
 @dataclass

@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+from paratune.memory.plan import gib
 
 
 class Progress:
