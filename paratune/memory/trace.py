@@ -124,7 +124,7 @@ class StepTracer:
             # one step creates the optimizer state: what a long run holds at every later step
             self._step([fake_batch(1, 8, 2, input_size, vocab)])
 
-    def _step(self, batches, inject=None):
+    def _step(self, batches):
         micro = [Micro(b, 1.0 / len(batches)) for b in batches]
         with cuda_kernels() if self.options.device == "cuda" else contextlib.nullcontext():
             train_step(self.model, self.optimizer, micro, grad_clip=self.options.grad_clip,

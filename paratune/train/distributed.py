@@ -10,7 +10,8 @@ here ever depends on which device the training runs on except `all_reduce_gradie
 Without torchrun (WORLD_SIZE unset or 1) every function is a local no-op, so the trainer, the tracer
 and the tests call the same code on one process.
 
-An OOM on one rank must make every rank drop that micro-batch together (`Agreement`). Under DDP no
+An OOM on one rank must make every rank drop that micro-batch together (`Local`, `Ranks`, `OOMSync`,
+made by `agreement()` and `shard()`). Under DDP no
 collective runs inside forward or backward, so a flag all-reduced after each micro-batch is enough.
 Under FSDP every block all-gathers in forward and reduce-scatters in backward: a rank that leaves
 its forward early would leave the others waiting in the next block's collective. There a sync point
@@ -96,12 +97,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, group=None) -> bool:
     """True on every rank if it is true on any (a CPU tensor: gloo serves it on every device)."""
     if not active():
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
@@ -172,8 +173,6 @@ def lead_first(fn, timeout_s: float = 1800.0):
     return value
 
 
-
-
 class PeerOutOfMemory(RuntimeError):
     """Another rank ran out of memory in this micro-batch: this rank drops it too."""
 
@@ -215,9 +214,7 @@ class OOMSync(Ranks):
         self.handles, self.callback_queued = [], False
 
     def _sync(self, flag: bool) -> bool:
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        return any_rank(flag, self.group)
 
     def check(self, where: str) -> None:
         """A sync point on a rank that is doing fine: unwind if another rank failed."""

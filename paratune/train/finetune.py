@@ -104,6 +104,8 @@ class Finetune:
                                      self.world.device, log=self.log, tensorboard=self.lead)
         self.progress = Progress() if self.lead else None
         self.inject = InjectOOM(self.model, o.inject_oom if o.inject_oom_rank in (None, self.world.rank) else [])
+        # one tracker for the run: what an earlier tracked step left alive is still counted (leak detection)
+        self.cpu_tracker = PeakMemory(self.model, self.optimizer) if self.world.device.type == "cpu" else None
 
     def _load_data(self) -> None:
         self.train_rows, self.train_len, errors = load_split(self.opts.train, self.spec)
@@ -228,7 +230,7 @@ class Finetune:
         self.monitor.start_step()
         # on a CPU the tensor tracker costs a Python call per operator: every few steps only
         track = dev.type == "cuda" or step <= 3 or step % int(self.mc["cpu_track_every"]) == 0
-        tracker = self._cpu_tracker() if dev.type == "cpu" and track else None
+        tracker = self.cpu_tracker if track else None
         with tracker if tracker is not None else contextlib.nullcontext():
             result = train_step(self.model, self.optimizer, group, self.tc["grad_clip"],
                                 PRECISIONS[self.run_plan.options.precision], self.scaler, dev, self.world.size,
@@ -241,12 +243,6 @@ class Finetune:
             self.monitor.end_step(step, self.epoch, shape, predicted, tracker.peak if tracker else None,
                                   tracker.current if tracker else None)
         self._record(result, group, predicted, n_batches)
-
-    def _cpu_tracker(self) -> PeakMemory:
-        # one tracker for the run: what an earlier tracked step left alive is still counted (leak detection)
-        if getattr(self, "_tracker", None) is None:
-            self._tracker = PeakMemory(self.model, self.optimizer)
-        return self._tracker
 
     def _record(self, result, group, predicted: int, n_batches: int) -> None:
         """The ledger (every rank's keys, by rank), the log line and the progress bar."""

@@ -210,22 +210,17 @@ def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device,
     on any rank (all ranks agree), or None, and the stats."""
     stats = []
     for i, m in enumerate(plan):
-        oom = False
+        error = None
         try:
             stats.append(backward_batch(model, m.batch, m.scale, autocast_dtype, scaler, device))
-        except torch.OutOfMemoryError as e:
-            oom = True
-            agreement.signal()  # first: other ranks may be waiting at a sync point
-            if on_oom:
-                on_oom(e, len(m.batch["speech_lengths"]))
-        except agreement.peer_error as e:
-            oom = True
-            if on_oom:
-                on_oom(e, len(m.batch["speech_lengths"]))
-        if agreement.failed(oom):
-            if not oom and on_oom:  # under DDP this rank only learns it here
-                on_oom(distributed.PeerOutOfMemory("another rank ran out of memory; dropping this micro-batch "
-                                                   "with it"), len(m.batch["speech_lengths"]))
+        except (torch.OutOfMemoryError, *agreement.peer_error) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                agreement.signal()  # first: other ranks may be waiting at a sync point
+            error = e
+        if agreement.failed(error is not None):
+            if on_oom:  # under DDP a rank learns of another's OOM only here
+                on_oom(error or distributed.PeerOutOfMemory("another rank ran out of memory; dropping this "
+                                                            "micro-batch with it"), len(m.batch["speech_lengths"]))
             return i, stats
     return None, stats
 
