@@ -8,22 +8,23 @@ import torch
 import yaml
 
 
-def small_config(large_config: dict) -> dict:
-    """The paraformer-large config shrunk to a few blocks and 64 dims (same structure)."""
+def resized_config(large_config: dict, d: int, units: int, enc_blocks: int, dec_blocks: int, att_layers: int) -> dict:
+    """The paraformer-large config with other widths and depths (same structure, 4 attention heads)."""
     c = copy.deepcopy(large_config)
-    c["encoder_conf"].update(output_size=64, attention_heads=4, linear_units=96, num_blocks=3)
-    c["decoder_conf"].update(attention_heads=4, linear_units=96, num_blocks=3, att_layer_num=2)
-    c["predictor_conf"]["idim"] = 64
+    c["encoder_conf"].update(output_size=d, attention_heads=4, linear_units=units, num_blocks=enc_blocks)
+    c["decoder_conf"].update(attention_heads=4, linear_units=units, num_blocks=dec_blocks, att_layer_num=att_layers)
+    c["predictor_conf"]["idim"] = d
     return c
+
+
+def small_config(large_config: dict) -> dict:
+    """A few blocks and 64 dims."""
+    return resized_config(large_config, 64, 96, 3, 3, 2)
 
 
 def medium_config(large_config: dict) -> dict:
-    """The paraformer-large config at 12 + 6 blocks and 256 dims (as benchmarks/memory_model.py's medium)."""
-    c = copy.deepcopy(large_config)
-    c["encoder_conf"].update(output_size=256, attention_heads=4, linear_units=1024, num_blocks=12)
-    c["decoder_conf"].update(attention_heads=4, linear_units=1024, num_blocks=6, att_layer_num=6)
-    c["predictor_conf"]["idim"] = 256
-    return c
+    """12 + 6 blocks and 256 dims (as benchmarks/memory_model.py's medium)."""
+    return resized_config(large_config, 256, 1024, 12, 6, 6)
 
 
 def load_config(large_dir: Path) -> dict:
