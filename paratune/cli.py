@@ -6,13 +6,38 @@ import sys
 EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
 
 
+def _device_error(name: str | None, why: str = "") -> str | None:
+    """What is wrong with `--device NAME` here (None: nothing; no name: the command picks one)."""
+    if name is None:
+        return None
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {name}: not a torch device ({e})"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}{why}: torch sees no CUDA device here (use --device cpu)"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def _where(u, e) -> str:
+    """`origin: error`, without the path twice where the error already starts with it."""
+    return str(e) if str(e).startswith(f"{u.origin}:") else f"{u.origin}: {e}"
+
+
 def _transcribe(args) -> int:
     import torch
 
     from paratune.data.audio import AudioError, audio_info, load_audio
-    from paratune.data.inputs import read_inputs
+    from paratune.data.manifest import output_line, read_manifests
     from paratune.modeldir import ModelDirError, load_model
 
+    bad_device = _device_error(args.device)
+    if bad_device:
+        print(f"error: {bad_device}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         asr = load_model(args.model, device=args.device)
     except ModelDirError as e:
@@ -20,7 +45,7 @@ def _transcribe(args) -> int:
         return EXIT_FAILED
     if args.threads:
         torch.set_num_threads(args.threads)
-    utterances, errors = read_inputs(args.inputs)
+    utterances, errors = read_manifests(args.inputs, need_audio=True)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
 
@@ -36,9 +61,10 @@ def _transcribe(args) -> int:
                 durations[u.key] = frames / sr
             except AudioError as e:
                 errors.append(e)
-                print(f"error: {u.origin}: {e}", file=sys.stderr)
+                print(f"error: {_where(u, e)}", file=sys.stderr)
         ready = sorted((u for u in chunk if u.key in durations), key=lambda u: durations[u.key])
-        texts = {}
+        texts = _decode_long(asr, [u for u in ready if durations[u.key] > args.max_duration], args, errors)
+        ready = [u for u in ready if durations[u.key] <= args.max_duration]
         asr.frontend.eval()
         for b in range(0, len(ready), args.batch_size):
             batch, feats = [], []
@@ -48,16 +74,64 @@ def _transcribe(args) -> int:
                     batch.append(u)
                 except (AudioError, ValueError) as e:  # ValueError: too short for one frame
                     errors.append(e)
-                    print(f"error: {u.origin}: {e}", file=sys.stderr)
+                    print(f"error: {_where(u, e)}", file=sys.stderr)
             if batch:
                 texts.update(zip((u.key for u in batch), asr.decode_features(feats)))
         for u in chunk:
             if u.key in texts:
-                print(f"{u.key}\t{texts[u.key]}", flush=True)
+                print(output_line(u.key, texts[u.key]), flush=True)
                 decoded += 1
     if errors:
         return EXIT_PARTIAL if decoded else EXIT_FAILED
     return EXIT_OK
+
+
+def _decode_long(asr, utterances, args, errors: list) -> dict:
+    """Inputs over --max-duration, decoded piece by piece: cut at pauses (silero-vad, as `prepare
+    --long-audio split`), where none is found at the limit; whole, one 3-hour clip took 240 s and 3.4 GB."""
+    from paratune.data.audio import AudioError, load_audio
+    from paratune.data.longaudio import VAD_RATE, SplitError, split
+
+    texts = {}
+    for u in utterances:
+        try:
+            wave = load_audio(u.source, VAD_RATE)
+        except AudioError as e:
+            errors.append(e)
+            print(f"error: {_where(u, e)}", file=sys.stderr)
+            continue
+        duration, limit = len(wave) / VAD_RATE, args.max_duration
+        try:
+            bounds = [(s.start, s.end) for s in split(wave, limit)]
+            how = "at pauses"
+        except SplitError as e:  # no speech, or a stretch without a pause: cut at the limit
+            bounds = [(a, min(a + limit, duration)) for a in _arange(0.0, duration, limit)]
+            how = f"every {limit:g} s ({e})"
+        _log(f"{u.key}: {duration:.1f} s is over --max-duration {limit:g}: decoded in {len(bounds)} pieces cut {how}")
+        pieces = [wave[int(a * VAD_RATE):int(b * VAD_RATE)] for a, b in bounds]
+        pieces = [p for p in pieces if len(p) >= VAD_RATE // 10]  # under 0.1 s: no frame worth decoding
+        if VAD_RATE != asr.frontend.fs:
+            import soxr
+            pieces = [soxr.resample(p, VAD_RATE, asr.frontend.fs) for p in pieces]
+        out = []
+        for b in range(0, len(pieces), args.batch_size):
+            out += asr.decode_features([asr.frontend.features(p) for p in pieces[b:b + args.batch_size]])
+        texts[u.key] = _join(out)
+    return texts
+
+
+def _arange(start: float, stop: float, step: float) -> list[float]:
+    return [start + i * step for i in range(max(1, -int(-(stop - start) // step)))]
+
+
+def _join(texts: list[str]) -> str:
+    """Pieces' texts as one: a space between two words in a spaced script, none between CJK characters."""
+    out = ""
+    for t in (t.strip() for t in texts):
+        if out and t and out[-1].isascii() and out[-1].isalnum() and t[0].isascii() and t[0].isalnum():
+            out += " "
+        out += t
+    return out
 
 
 def _log(msg: str) -> None:
@@ -66,7 +140,7 @@ def _log(msg: str) -> None:
 
 def _read_plan_inputs(args):
     """The budget, model directory, configuration (with --config, ++overrides and flags) and lengths."""
-    from paratune.data.manifest import read_lengths
+    from paratune.data.lengths import read_lengths
     from paratune.memory.plan import parse_bytes
     from paratune.modeldir import read_model_dir
     from paratune.train.config import apply_flags, load_config
@@ -161,16 +235,15 @@ def _calibrate(args, spec, plan) -> bool:
     import json
 
     import numpy as np
-    import torch
 
     from paratune.io import atomic_write_text
     from paratune.memory.calibrate import calibrate
     from paratune.memory.estimate import cache_dir
     from paratune.memory.trace import StepOptions
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --calibrate measures real steps on the GPU, and torch sees no CUDA device here",
-              file=sys.stderr)
+    bad_device = _device_error(args.device, " --calibrate (it measures real steps on the device)")
+    if bad_device:
+        print(f"error: {bad_device}", file=sys.stderr)
         return False
     model = plan.limit.model
     if model.options.get("fsdp_world_size"):
@@ -250,6 +323,9 @@ def _finetune(args) -> int:
     from paratune.train.finetune import FinetuneOptions, finetune
 
     try:
+        bad_device = _device_error(args.device)
+        if bad_device:
+            raise ConfigError(bad_device)
         overrides = _overrides(args, ("train", "valid"))
         options = FinetuneOptions(
             model=args.model, train=args.train, output=args.output, valid=args.valid,
@@ -272,6 +348,10 @@ def _eval(args) -> int:
     from paratune.modeldir import ModelDirError, load_model
     from paratune.train.validation import load_split, validate
 
+    bad_device = _device_error(args.device)
+    if bad_device:
+        print(f"error: {bad_device}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         asr = load_model(args.model)
         rows, lengths, errors = load_split(args.data, asr)

@@ -5,6 +5,29 @@ import argparse
 from pathlib import Path
 
 
+def _number(kind, lowest, strict: bool):
+    """An argparse type: `kind` at least (or, `strict`, above) `lowest`, with a message naming the rule."""
+    what = {int: "an integer", float: "a number"}[kind]
+    rule = f"{'>' if strict else '>='} {lowest}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} {rule}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < lowest or (strict and value == lowest):
+            raise argparse.ArgumentTypeError(f"expected {what} {rule}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {rule}"  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 1, strict=False)
+count = _number(int, 0, strict=False)  # zero allowed
+positive_float = _number(float, 0, strict=True)
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
     """The configuration flags `plan` and `finetune` share (paratune.train.config.FLAGS); unset, the
     configuration decides (defaults < model config.yaml < --config < ++overrides < these)."""
@@ -34,9 +57,12 @@ def _transcribe(sub, run) -> None:
                                    "a Kaldi wav.scp, or a FunASR jsonl. Bad inputs are reported on stderr; "
                                    "the others are still decoded (exit status 1 if any failed).")
     p.add_argument("--model", required=True, type=Path, help="model directory (config.yaml, model.pt, tokens, am.mvn)")
-    p.add_argument("--batch-size", type=int, default=8, help="utterances decoded together (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="utterances decoded together (default 8)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=count, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--max-duration", type=positive_float, default=60.0, metavar="SECONDS",
+                   help="inputs longer than this are cut at pauses (silero-vad, as `prepare --long-audio split`), "
+                        "decoded piece by piece and their texts joined (default 60)")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.set_defaults(func=run)
 
@@ -52,10 +78,10 @@ def _plan(sub, run) -> None:
     p.add_argument("--data", required=True, type=Path, nargs="+", help="FunASR jsonl manifest(s)")
     p.add_argument("--budget", required=True, help="memory per device, e.g. 24GiB")
     _config_flags(p)
-    p.add_argument("--world-size", type=int, default=1, help="ranks; without --fsdp each keeps a DDP replica")
+    p.add_argument("--world-size", type=positive_int, default=1, help="ranks; without --fsdp each keeps a DDP replica")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what the plan is for (default cuda)")
-    p.add_argument("--holdout", type=int, default=2, help="unseen shapes the fit is checked on (default 2)")
+    p.add_argument("--holdout", type=count, default=2, help="unseen shapes the fit is checked on (default 2)")
     p.add_argument("--calibrate", action="store_true", help="measure real steps on the device and keep the correction")
     p.add_argument("--explain", action="store_true", help="where the costliest batch's peak goes")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -75,12 +101,12 @@ def _prepare(sub, run) -> None:
     p.add_argument("--model", required=True, type=Path, help="model directory: its tokens and frontend")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--transcripts", type=Path, help="TSV `name<TAB>text` for a folder of audio")
-    p.add_argument("--max-duration", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--max-duration", type=positive_float, default=None, metavar="SECONDS")
     p.add_argument("--long-audio", choices=["split", "drop", "keep"], default="keep",
                    help="clips over --max-duration: cut at pauses (silero-vad), leave out, or keep (default)")
     p.add_argument("--align-model", type=Path, help="model directory whose CIF predictor divides transcripts "
                                                     "when splitting labelled audio")
-    p.add_argument("--workers", type=int, default=16, help="threads reading audio headers")
+    p.add_argument("--workers", type=positive_int, default=16, help="threads reading audio headers")
     p.set_defaults(func=run)
 
 
@@ -126,7 +152,7 @@ def _finetune(sub, run) -> None:
                                                        "state over the ranks (FSDP2 fully_shard per block)")
     p.add_argument("--inject-oom", metavar="STEP[,STEP...]",
                    help="raise a real torch.OutOfMemoryError at these steps (testing the recovery)")
-    p.add_argument("--inject-oom-rank", type=int, default=None, metavar="R",
+    p.add_argument("--inject-oom-rank", type=count, default=None, metavar="R",
                    help="inject on rank R only (default: every rank)")
     p.add_argument("overrides", nargs="*", metavar="++KEY=VALUE")
     p.set_defaults(func=run)

@@ -1,0 +1,83 @@
+"""The command line refuses bad arguments with a message, not a traceback or silence (issue 13, defects 12, 14)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from paratune.cli import main
+
+MODEL = Path(__file__).resolve().parents[1] / "paratune" / "assets" / "demo_model"
+DEMO_WAV = Path(__file__).resolve().parents[1] / "paratune" / "assets" / "demo" / "demo_01.wav"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["transcribe", "--model", "m", "--batch-size", "0", "x.wav"], "--batch-size: expected an integer >= 1"),
+    (["transcribe", "--model", "m", "--batch-size", "-1", "x.wav"], "--batch-size: expected an integer >= 1"),
+    (["transcribe", "--model", "m", "--threads", "-1", "x.wav"], "--threads: expected an integer >= 0"),
+    (["transcribe", "--model", "m", "--max-duration", "0", "x.wav"], "--max-duration: expected a number > 0"),
+    (["prepare", "x", "--model", "m", "--output", "o", "--workers", "0"], "--workers: expected an integer >= 1"),
+    (["prepare", "x", "--model", "m", "--output", "o", "--max-duration", "-5"], "--max-duration: expected a number > 0"),
+    (["prepare", "x", "--model", "m", "--output", "o", "--max-duration", "nan"], "--max-duration: expected a number"),
+    (["plan", "--model", "m", "--data", "d", "--budget", "1GiB", "--world-size", "0"], "--world-size: expected"),
+])
+def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["transcribe", "--model", str(MODEL), "--device", "cuda", str(DEMO_WAV)],
+    ["eval", "--model", str(MODEL), "--device", "cuda", "--data", "nothing.jsonl"],
+    ["finetune", "--model", str(MODEL), "--device", "cuda:0", "--train", "nothing.jsonl", "--output", "unused"],
+    ["transcribe", "--model", str(MODEL), "--device", "gpu", str(DEMO_WAV)],
+])
+def test_a_device_that_is_not_there_is_one_error_line(argv, no_cuda, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device ") and err.count("\n") == 1, err
+    assert not (tmp_path / "unused").exists()  # refused before anything is written
+
+
+def test_an_unreadable_input_names_its_path_once(tmp_path, capsys):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    assert main(["transcribe", "--model", str(MODEL), str(empty), str(DEMO_WAV)]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("demo_01\t")
+    assert err.count(str(empty)) == 1, err
+
+
+def test_long_inputs_are_cut_at_pauses_and_joined(shared_data, tmp_path, capsys):
+    long = shared_data / "long_audio" / "zh_70s.wav"
+    if not long.exists():
+        pytest.skip(f"{long} not found")
+    assert main(["transcribe", "--model", str(MODEL), "--max-duration", "20", str(long), str(DEMO_WAV)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["zh_70s", "demo_01"]  # one line per input, in order
+    assert all(line.split("\t")[1] for line in lines)
+    assert "zh_70s: 70.5 s is over --max-duration 20" in err and "pieces cut at pauses" in err
+
+
+def test_a_long_input_without_pauses_is_cut_at_the_limit(tmp_path, capsys):
+    import numpy as np
+    noise = tmp_path / "hum.wav"  # no speech, so no pause to cut at
+    sf.write(noise, (0.01 * np.sin(np.arange(16000 * 5) / 5)).astype(np.float32), 16000)
+    shutil.copy(DEMO_WAV, tmp_path / "short.wav")
+    assert main(["transcribe", "--model", str(MODEL), "--max-duration", "2", str(noise), str(tmp_path / "short.wav")]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == ["hum", "short"]
+    assert "3 pieces cut every 2 s" in err
