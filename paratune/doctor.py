@@ -13,6 +13,7 @@ earlier ones while usage stays flat.
 """
 from __future__ import annotations
 
+import csv
 import json
 import re
 from dataclasses import dataclass, field
@@ -250,12 +251,13 @@ def _healthy_evidence(p: Parsed) -> str:
     return "; ".join(parts)
 
 
-def diagnose_csv(path: Path) -> tuple[list[dict], int]:
-    """paratune's memory.csv: its own detectors, replayed."""
+def diagnose_csv(path: Path, notes: list[str] | None = None) -> tuple[list[dict], int]:
+    """paratune's memory.csv: its own detectors, replayed. Rows that cannot be read (a missing or
+    non-finite figure) are left out, each said in `notes` with its file:line."""
     from paratune.train.monitor import MemoryMonitor, read_csv
-    s = read_csv(path)
+    s = read_csv(path, notes if notes is not None else [])
     if not s:
-        return [_finding("no_memory_data", f"{path}: a memory.csv header without rows")], 0
+        return [_finding("no_memory_data", f"{path}: a memory.csv header without usable rows")], 0
     monitor = MemoryMonitor.replay(s, window=min(50, max(10, len(s) // 2)))
     findings = [_finding(kind, text) for kind, text in monitor.findings.items()]
     peak = max(x.peak for x in s)
@@ -285,8 +287,8 @@ def doctor(paths: list[Path], gpu_memory: float | None = None) -> dict:
         text = raw.decode("utf-8", errors="replace")
         if text.startswith("step,epoch,batch,frames,tokens,predicted,peak"):
             try:
-                found, rows = diagnose_csv(path)
-            except (ValueError, KeyError, TypeError) as e:
+                found, rows = diagnose_csv(path, errors)
+            except (ValueError, KeyError, TypeError, OverflowError, csv.Error) as e:
                 errors.append(f"{path}: not a readable paratune memory.csv ({e})")
                 continue
             csv_findings += found

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,10 +170,19 @@ def read_model_dir(path: str | os.PathLike) -> ModelSpec:
     return spec
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ASRModel:
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", warn=_warn) -> ASRModel:
     """Load a FunASR Paraformer directory (config.yaml, model.pt, tokens, am.mvn)."""
     spec = read_model_dir(path)
     files, tokenizer, frontend, config, root = spec.files, spec.tokenizer, spec.frontend, spec.config, spec.root
+    if frontend.cmvn is None:
+        # FunASR's WavFrontend normalises with the am.mvn beside config.yaml when there is one: trained
+        # weights expect it, and without it every transcript changes (here and in FunASR) without an error
+        warn(f"{root}: no {files['cmvn'].name} (CMVN): features are decoded unnormalised, unlike the ones the "
+             "model was trained on; copy am.mvn from where the model came from")
     model = spec.build()
     if not files["model"].exists():
         raise ModelDirError(f"{files['model']}: missing (the weights)")

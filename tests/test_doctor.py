@@ -143,3 +143,18 @@ def test_text_report_and_timeline_png(logs, tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     report = doctor([logs / "01_funasr1828_paraformer_multilingual_seed.log"])
     assert report["ranks"] == [0]
+
+
+def test_a_memory_csv_with_inf_or_a_short_row_is_read_without_a_traceback(tmp_path, capsys):
+    header = "step,epoch,batch,frames,tokens,predicted,peak,allocated,reserved,inactive_split,retries,rss,budget\n"
+    row = "{step},0,0,100,10,1000,{peak},500,0,0,0,100,100000\n"
+    path = tmp_path / "memory.csv"
+    path.write_text(header + "".join(row.format(step=s, peak="inf" if s == 3 else 1000) for s in range(1, 6))
+                    + "6,0,0,100\n")
+    assert main(["doctor", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}:4: peak not a finite number; row skipped" in out
+    assert f"{path}:7: a missing figure; row skipped" in out and "healthy: 4 steps" in out
+    path.write_text(header + row.format(step=1, peak="nan"))
+    main(["doctor", str(path)])  # no usable row
+    assert "no_memory_data" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,16 @@ def test_console_script_reports_a_bad_model_without_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "config.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_am_mvn_is_warned_about(tmp_path, capsys):
+    demo = Path(paratune.__file__).parent / "assets" / "demo_model"
+    d = tmp_path / "no_mvn"
+    shutil.copytree(demo, d)
+    (d / "am.mvn").unlink()
+    wav = Path(paratune.__file__).parent / "assets" / "demo" / "demo_01.wav"
+    assert cli_main(["transcribe", "--model", str(d), str(wav)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {d}: no am.mvn") and err.count("\n") == 1
+    assert cli_main(["transcribe", "--model", str(demo), str(wav)]) == 0
+    assert "warning" not in capsys.readouterr().err

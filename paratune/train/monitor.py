@@ -51,10 +51,26 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def read_csv(path: Path) -> list[Sample]:
-    """A memory.csv written by MemoryMonitor, as samples."""
+def read_csv(path: Path, skipped: list[str] | None = None) -> list[Sample]:
+    """A memory.csv written by MemoryMonitor, as samples. A row with a missing, non-numeric or
+    non-finite figure raises ValueError naming file:line, or with `skipped` is left out and said there."""
+    samples = []
     with open(path, newline="") as f:
-        return [Sample(**{k: int(float(r[k])) for k in FIELDS}) for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        for r in reader:
+            try:
+                values = {k: float(r[k]) for k in FIELDS}
+                bad = [k for k, v in values.items() if not np.isfinite(v)]
+                if bad:
+                    raise ValueError(f"{', '.join(bad)} not a finite number")
+            except (TypeError, ValueError) as e:  # TypeError: a short row (None)
+                problem = f"{path}:{reader.line_num}: {'a missing figure' if isinstance(e, TypeError) else e}"
+                if skipped is None:
+                    raise ValueError(problem) from e
+                skipped.append(problem + "; row skipped")
+                continue
+            samples.append(Sample(**{k: int(v) for k, v in values.items()}))
+    return samples
 
 
 class MemoryMonitor:
