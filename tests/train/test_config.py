@@ -7,7 +7,6 @@ import yaml
 from paratune.train.config import DEFAULTS, ConfigError, apply_flags, load_config
 from paratune.train.schema import SCHEMA
 
-LARGE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "paraformer_large" / "config.yaml"
 DEMO = Path(__file__).resolve().parents[2] / "paratune" / "assets" / "demo_model" / "config.yaml"
 
 
@@ -62,12 +61,17 @@ def test_checkpointing_on_off_read_by_yaml_as_bools():
     assert load_config({}, None, ["++memory.checkpointing=on"])["memory"]["checkpointing"] == "on"
 
 
-def test_model_configs_with_funasr_keys_load():
-    for path in (LARGE, DEMO):
+@pytest.fixture
+def large(large_dir):
+    return large_dir / "config.yaml"
+
+
+def test_model_configs_with_funasr_keys_load(large):
+    for path in (large, DEMO):
         config = load_config(yaml.safe_load(path.read_text(encoding="utf-8")), None, [])
         assert config["train_conf"]["max_epoch"] >= 1
-    large = load_config(yaml.safe_load(LARGE.read_text(encoding="utf-8")), None, [])
-    assert large["dataset_conf"]["batch_type"] == "example"  # kept, not refused: FunASR's, not paratune's
+    config = load_config(yaml.safe_load(large.read_text(encoding="utf-8")), None, [])
+    assert config["dataset_conf"]["batch_type"] == "example"  # kept, not refused: FunASR's, not paratune's
 
 
 def test_a_bad_value_in_the_model_config_names_it():
@@ -75,10 +79,10 @@ def test_a_bad_value_in_the_model_config_names_it():
         load_config({"train_conf": {"max_epoch": 0}}, None, [])
 
 
-def test_unknown_keys_from_the_user_are_refused(tmp_path):
-    large = yaml.safe_load(LARGE.read_text(encoding="utf-8"))
+def test_unknown_keys_from_the_user_are_refused(tmp_path, large):
+    model_config = yaml.safe_load(large.read_text(encoding="utf-8"))
     with pytest.raises(ConfigError, match="unknown key 'batch_type'"):  # FunASR's key, never read by paratune
-        load_config(large, None, ["++dataset_conf.batch_type=token"])
+        load_config(model_config, None, ["++dataset_conf.batch_type=token"])
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train_conf: {max_epochs: 3}\n")
     with pytest.raises(ConfigError, match=r"c.yaml: unknown key\(s\) max_epochs in train_conf"):
