@@ -366,10 +366,12 @@ def _eval(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     asr.model.to(device)
     result = validate(asr, rows, lengths, device)
+    for origin, reason in result["excluded"]:
+        print(f"error: {origin}: {reason}", file=sys.stderr)
     print(f"utterances {result['utterances']}")
     print(f"CER {100 * result['cer']:.2f}%")
     print(f"WER {100 * result['wer']:.2f}%")
-    return EXIT_PARTIAL if errors else EXIT_OK
+    return EXIT_PARTIAL if errors or result["excluded"] else EXIT_OK
 
 
 def _demo(args) -> int:

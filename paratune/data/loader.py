@@ -3,6 +3,11 @@
 The sampler decides which utterances go together; workers read and resample the audio and compute the
 fbank + LFR + CMVN features (the expensive part, kept off the training process), and the collate pads
 them to the batch's (bucketed) length. Pinned host memory lets the copy to the GPU run asynchronously.
+
+A clip that cannot be read, or whose audio or features are not finite, is left out of its batch here
+(`batch["excluded"]`: its key, index and the reason) and the rest of the batch goes on: one bad file
+costs that file, never the run. A batch whose every clip is bad becomes a placeholder (`keys` empty) so
+that every rank still runs the step's collectives.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from paratune.data.audio import load_audio, resample
+from paratune.data.audio import AudioError, load_audio, resample
 from paratune.data.frontend import WavFrontend
 from paratune.data.tokenizer import CharTokenizer
 
@@ -39,8 +44,24 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
+        try:
+            feats = self._features(i, row)
+        except (AudioError, ValueError) as e:  # ValueError: too short for one frame
+            return {"key": row["key"], "index": i, "excluded": str(e)}
+        text = torch.tensor(self.tokenizer.encode(row.get("target") or "") if self.tokenizer else [],
+                            dtype=torch.long)
+        return {"key": row["key"], "index": i, "speech": feats, "text": text}
+
+    def features(self, i: int) -> torch.Tensor | None:
+        """Utterance i's features, or None if its clip cannot be used."""
+        item = self[i]
+        return None if "excluded" in item else item["speech"]
+
+    def _features(self, i: int, row: dict) -> torch.Tensor:
         self.frontend.train(self.train)  # dither only in training
         wave = load_audio(row["source"], self.frontend.fs)
+        if not np.isfinite(wave).all():
+            raise AudioError(row["source"], "audio has NaN or infinite samples")
         # seeded per utterance, not by worker: the same features whichever worker reads it, after a resume too
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
@@ -60,12 +81,19 @@ class FeatureDataset(Dataset):
             if self.train and self.gain_db:
                 wave = wave * float(10 ** ((torch.rand(1).item() * 2 - 1) * self.gain_db / 20))
             feats = self.frontend.features(wave)
-        text = torch.tensor(self.tokenizer.encode(row.get("target") or ""), dtype=torch.long)
-        return {"key": row["key"], "index": i, "speech": feats, "text": text}
+        if not torch.isfinite(feats).all():
+            raise AudioError(row["source"], "features are not finite (NaN or inf)")
+        return feats
 
 
-def collate(items: list[dict], pad_frames=None) -> dict:
-    """Pad to the longest utterance (or to `pad_frames(longest)`, the sampler's bucket length)."""
+def collate(items: list[dict], pad_frames=None, feature_dim: int | None = None) -> dict:
+    """Pad to the longest utterance (or to `pad_frames(longest)`, the sampler's bucket length). Items
+    that could not be read go to "excluded" as (key, index, reason); if none is left, the batch is a
+    placeholder of 8 silent frames (`feature_dim` wide) that trains no key."""
+    excluded = [(x["key"], x["index"], x["excluded"]) for x in items if "excluded" in x]
+    items = [x for x in items if "excluded" not in x]
+    if not items:
+        return {**placeholder_batch(feature_dim), "excluded": excluded}
     lengths = torch.tensor([x["speech"].shape[0] for x in items])
     speech = pad_sequence([x["speech"] for x in items], batch_first=True)
     if pad_frames is not None:
@@ -75,16 +103,27 @@ def collate(items: list[dict], pad_frames=None) -> dict:
     text = pad_sequence([x["text"] for x in items], batch_first=True, padding_value=IGNORE_ID)
     return {"speech": speech, "speech_lengths": lengths, "text": text,
             "text_lengths": torch.tensor([len(x["text"]) for x in items]),
-            "keys": [x["key"] for x in items], "indices": [x["index"] for x in items]}
+            "keys": [x["key"] for x in items], "indices": [x["index"] for x in items], "excluded": excluded}
+
+
+def placeholder_batch(feature_dim: int | None) -> dict:
+    """One utterance of 8 zero frames and one token, for a batch with nothing to train: run at loss
+    scale 0, it keeps this rank's forward and backward in step with the other ranks'."""
+    if not feature_dim:
+        raise ValueError("a batch with no readable clip needs the feature dimension for its placeholder")
+    return {"speech": torch.zeros(1, 8, feature_dim), "speech_lengths": torch.tensor([8]),
+            "text": torch.zeros(1, 1, dtype=torch.long), "text_lengths": torch.tensor([1]), "keys": [],
+            "indices": []}
 
 
 def make_loader(dataset: FeatureDataset, batch_sampler, workers: int = 2, pin_memory: bool | None = None,
                 prefetch: int = 2) -> DataLoader:
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    pad = getattr(batch_sampler, "padded", None)
+    pad = partial(collate, pad_frames=getattr(batch_sampler, "padded", None),
+                  feature_dim=dataset.frontend.output_size())
     # its own generator: making a loader does not draw from the global RNG (exact resume)
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=partial(collate, pad_frames=pad),
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=pad,
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                       prefetch_factor=prefetch if workers > 0 else None, generator=torch.Generator())
 

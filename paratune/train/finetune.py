@@ -61,6 +61,7 @@ class Finetune:
     def __init__(self, options: FinetuneOptions):
         self.opts = options
         self.step, self.epoch, self.position, self.best = 0, 0, 0, []
+        self.unreadable = []  # (key, reason) of clips left out of this step's batches
 
     def log(self, msg: str) -> None:
         prefix = f"[rank {self.world.rank}] " if self.world.size > 1 else ""
@@ -210,9 +211,11 @@ class Finetune:
             if dc["specaug"]:
                 batch["speech"] = augment_batch(batch["speech"], batch["speech_lengths"], self.gen,
                                                 self.asr.frontend.n_mels, self.asr.frontend.lfr_m)
-            # stays on the host: train_step moves each micro-batch to the device when it runs
+            self._exclude(batch["excluded"])
+            # stays on the host: train_step moves each micro-batch to the device when it runs; a batch
+            # with no readable clip is a placeholder that weighs nothing
             group.append(Micro({k: batch[k] for k in ("speech", "speech_lengths", "text", "text_lengths", "keys")},
-                               1.0 / self.accum))
+                               1.0 / self.accum if batch["keys"] else 0.0))
             if len(group) == self.accum or self.position == n_batches:
                 self.train_step(group, n_batches)
                 group = []
@@ -244,18 +247,27 @@ class Finetune:
                                   tracker.current if tracker else None)
         self._record(result, group, predicted, n_batches)
 
+    def _exclude(self, excluded: list) -> None:
+        """Clips the loader could not use: said now (file:line), written to the ledger with the step."""
+        for key, index, reason in excluded:
+            self.log(f"excluded {key!r} ({self.train_len.origins[index]}): {reason}")
+            self.unreadable.append((key, reason))
+
     def _record(self, result, group, predicted: int, n_batches: int) -> None:
         """The ledger (every rank's keys, by rank), the log line and the progress bar."""
-        parts = distributed.gather_objects((result.trained, result.quarantined))
+        parts = distributed.gather_objects((result.trained, result.quarantined, self.unreadable))
+        self.unreadable = []
         if result.quarantined:
             self.log(f"step {self.step}: quarantined {', '.join(result.quarantined)} (out of memory even alone)")
         rank_of = (lambda r: r) if self.world.size > 1 else (lambda r: None)
         if self.lead:
-            for r, (trained, quarantined) in enumerate(parts):
+            for r, (trained, quarantined, unreadable) in enumerate(parts):
                 self.ledger.write(self.epoch, self.step, trained, "trained", rank=rank_of(r))
                 if quarantined:
                     self.ledger.write(self.epoch, self.step, quarantined, "quarantined", "out of memory even alone",
                                       rank=rank_of(r))
+                for key, reason in unreadable:
+                    self.ledger.write(self.epoch, self.step, [key], "excluded", reason, rank=rank_of(r))
             self.ledger.flush()
         if self.progress is None:
             return
@@ -280,7 +292,8 @@ class Finetune:
         if not self.lead:
             return
         self.log(f"{tag} validation: loss {result['loss']:.3f}, CER {100 * result['cer']:.2f} %, "
-                 f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances")
+                 f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances"
+                 + (f" ({len(result['excluded'])} unreadable, left out)" if result["excluded"] else ""))
         path = self.out / f"model.{tag}.pt"
         checkpoint.save(path, weights)
         keep = int(self.tc["keep_nbest_models"])

@@ -20,20 +20,30 @@ def load_split(paths, spec):
 
 
 def estimate_cmvn(rows, frontend, n: int = 2000) -> torch.Tensor:
-    """Mean and inverse std of the features of up to n training utterances, in am.mvn's layout."""
-    from paratune.data.audio import load_audio
-    frontend.eval()
-    feats = torch.cat([frontend.features(load_audio(r["source"], frontend.fs)) for r in rows[:n]])
+    """Mean and inverse std of the features of up to n readable training utterances, in am.mvn's layout
+    (a clip that cannot be read is skipped here; training leaves it out and says so)."""
+    dataset = FeatureDataset(rows[:n], frontend, None, train=False)
+    feats = [f for f in map(dataset.features, range(len(dataset))) if f is not None]
+    if not feats:
+        raise ValueError("no readable training utterance to estimate CMVN from")
+    feats = torch.cat(feats)
     return torch.stack([-feats.mean(0), 1 / feats.std(0).clamp_min(1e-3)])
 
 
 @torch.no_grad()
 def validate(asr: ASRModel, rows, lengths, device, batch_frames: int = 20000) -> dict:
+    """Loss, CER and WER over every utterance: one longer than `batch_frames` goes in a batch of its own
+    (none is skipped); clips that cannot be read are counted out in "excluded" as (origin, reason)."""
     model = asr.model.eval()
-    sampler = MemoryBoundedSampler(lengths.frames, lengths.tokens, max_frames=batch_frames, shuffle=False)
+    longest = int(lengths.frames.max()) if len(lengths) else 0
+    sampler = MemoryBoundedSampler(lengths.frames, lengths.tokens, max_frames=max(batch_frames, longest),
+                                   shuffle=False)
     loader = make_loader(FeatureDataset(rows, asr.frontend, asr.tokenizer, train=False), sampler, workers=0)
-    hyps, refs, loss_sum, weight_sum = [], [], 0.0, 0.0
+    hyps, refs, loss_sum, weight_sum, excluded = [], [], 0.0, 0.0, []
     for batch in loader:
+        excluded += [(lengths.origins[i], reason) for _, i, reason in batch["excluded"]]
+        if not batch["keys"]:
+            continue
         inputs = model_inputs(batch, device)
         loss, _, weight = model(**inputs)
         loss_sum += float(loss) * float(weight)
@@ -43,4 +53,4 @@ def validate(asr: ASRModel, rows, lengths, device, batch_frames: int = 20000) ->
             refs.append(rows[i]["target"])
     model.train()
     return {"loss": loss_sum / max(weight_sum, 1e-9), "cer": error_rate(hyps, refs, "char"),
-            "wer": error_rate(hyps, refs, "word"), "utterances": len(refs)}
+            "wer": error_rate(hyps, refs, "word"), "utterances": len(refs), "excluded": excluded}
