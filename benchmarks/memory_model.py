@@ -75,7 +75,7 @@ def accuracy(n: int, seed: int) -> None:
 
 
 def plan(n: int) -> None:
-    from paratune.data.manifest import write_synthetic_manifest
+    from paratune.data.lengths import write_synthetic_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_synthetic_manifest(Path(tmp) / "train.jsonl", n, seed=0)

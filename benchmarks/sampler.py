@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--budget", default="40GiB")
     args = parser.parse_args()
 
-    from paratune.data.manifest import read_lengths, write_synthetic_manifest
+    from paratune.data.lengths import read_lengths, write_synthetic_manifest
     from paratune.data.sampler import MemoryBoundedSampler
     from paratune.memory.estimate import load_or_fit
     from paratune.memory.plan import Limit, parse_bytes

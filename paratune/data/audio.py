@@ -26,6 +26,15 @@ class AudioError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+class NonFiniteAudioError(AudioError):
+    """A (float) audio file holding NaN or infinite samples: its features, and any loss on it, are NaN."""
+
+
+def _first_non_finite(block: np.ndarray) -> int | None:
+    bad = ~np.isfinite(block)
+    return None if not bad.any() else int(np.flatnonzero(bad.any(axis=-1) if bad.ndim == 2 else bad)[0])
+
+
 def _check_file(path: PathLike) -> Path:
     p = Path(path)
     if not p.exists():
@@ -76,5 +85,29 @@ def load_audio(path: PathLike, sample_rate: int = 16000) -> np.ndarray:
         data = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
     if data.shape[0] == 0:
         raise AudioError(path, "contains no audio samples")
+    at = _first_non_finite(data)
+    if at is not None:
+        raise NonFiniteAudioError(path, f"non-finite sample (NaN or inf) at {at / sr:.3f} s")
     data = resample(data, int(sr), int(sample_rate))
     return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def scan_audio(path: PathLike, block_frames: int = 1 << 18) -> tuple[int, int, int]:
+    """(sample_rate, num_frames, channels) by decoding the whole file, in blocks: finds what a header
+    cannot show, NaN/inf samples (NonFiniteAudioError) and data cut short or corrupt (AudioError)."""
+    sr, _, channels = audio_info(path)
+    n = 0
+    try:
+        with sf.SoundFile(str(path)) as f:
+            for block in f.blocks(blocksize=block_frames, dtype="float32"):
+                at = _first_non_finite(block)
+                if at is not None:
+                    raise NonFiniteAudioError(path, f"non-finite sample (NaN or inf) at {(n + at) / sr:.3f} s")
+                n += len(block)
+    except AudioError:
+        raise
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError mid-file
+        raise AudioError(path, f"unreadable or corrupt audio ({e})") from e
+    if n == 0:
+        raise AudioError(path, "contains no audio samples")
+    return sr, n, channels

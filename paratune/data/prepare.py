@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from paratune.data.audio import AudioError, audio_info, load_audio
-from paratune.data.inputs import AUDIO_SUFFIXES, _lines
-from paratune.data.manifest import lfr_frames, resolve_source
+from paratune.data.audio import AudioError, NonFiniteAudioError, load_audio, scan_audio
+from paratune.data.lengths import lfr_frames, unknown_tokens
+from paratune.data.manifest import read_manifests
+from paratune.data.names import FileNameError, FileNames
 from paratune.data.tokenizer import CharTokenizer
 from paratune.io import atomic_write, atomic_write_text
 
@@ -58,114 +59,27 @@ class Report:
 
 
 KINDS = ("bad_line", "duplicate_key", "no_transcript", "no_audio", "missing_audio", "empty_audio", "corrupt_audio",
-         "too_short", "empty_transcript", "unknown_tokens", "too_long", "split_failed", "empty_segment")
+         "non_finite_audio", "too_short", "empty_transcript", "unknown_tokens", "too_long", "split_failed", "empty_segment")
 
 
 # -- reading the inputs ----------------------------------------------------------------------------
 
-def _read_jsonl(path: Path, report: Report) -> list[Item]:
-    items = []
-    errors = []
-    for number, text in _lines(path, errors):
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            report.exclude("", where, "bad_line", f"malformed JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj.get(k) for k in ("key", "source")):
-            report.exclude(str(obj.get("key", "")) if isinstance(obj, dict) else "", where, "bad_line",
-                           "expected a JSON object with string 'key' and 'source'")
-            continue
-        target = obj.get("target")
-        if target is not None and not isinstance(target, str):
-            report.exclude(obj["key"], where, "bad_line", "field 'target' is not a string")
-            continue
-        items.append(Item(obj["key"], str(resolve_source(obj["source"], path.parent)), target, where))
-    for e in errors:
-        report.exclude("", f"{e.path}:{e.line}", "bad_line", e.reason)
-    return items
-
-
-def _read_table(path: Path, report: Report, what: str) -> dict[str, tuple[str, str]]:
-    """`key rest-of-line` per line -> {key: (rest, origin)}."""
-    out, errors = {}, []
-    for number, text in _lines(path, errors):
-        key, _, rest = text.partition("\t") if "\t" in text else text.partition(" ")
-        if key in out:
-            report.exclude(key, f"{path}:{number}", "duplicate_key", f"duplicate key {key!r} in the {what} (first at {out[key][1]})")
-            continue
-        out[key] = (rest.strip(), f"{path}:{number}")
-    for e in errors:
-        report.exclude("", f"{e.path}:{e.line}", "bad_line", e.reason)
-    return out
-
-
-def _read_kaldi(scp: Path, report: Report) -> list[Item]:
-    wavs = _read_table(scp, report, "wav.scp")
-    text_path = scp.parent / "text"
-    texts = _read_table(text_path, report, "text") if text_path.exists() else None
-    items = []
-    for key, (source, origin) in wavs.items():
-        target = None
-        if texts is not None:
-            if key not in texts:
-                report.exclude(key, origin, "no_transcript", f"no transcript for this key in {text_path}")
-                continue
-            target = texts[key][0]
-        items.append(Item(key, str(resolve_source(source, scp.parent)), target, origin))
-    if texts is not None:
-        for key in texts.keys() - wavs.keys():
-            report.exclude(key, texts[key][1], "no_audio", f"transcript without audio in {scp}")
-    return items
-
-
-def _read_folder(folder: Path, transcripts: Path | None, report: Report) -> list[Item]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-    if transcripts is None:
-        return [Item(p.stem, str(p), None, str(p)) for p in files]
-    texts = _read_table(transcripts, report, "transcript TSV")
-    items, used = [], set()
-    for p in files:
-        for name in (p.name, p.stem, str(p.relative_to(folder))):
-            if name in texts:
-                items.append(Item(p.stem, str(p), texts[name][0], texts[name][1]))
-                used.add(name)
-                break
-        else:
-            report.exclude(p.stem, str(p), "no_transcript", f"no line for this file in {transcripts}")
-    for name in texts.keys() - used:
-        report.exclude(name, texts[name][1], "no_audio", f"no audio file named {name!r} in {folder}")
-    return items
-
-
 def read_corpus(inputs, transcripts: Path | None, report: Report) -> list[Item]:
-    items = []
-    for arg in map(Path, inputs):
-        if not arg.exists():
-            raise PrepareError(f"{arg}: not found")
-        if arg.is_dir() and (arg / "wav.scp").exists():
-            items += _read_kaldi(arg / "wav.scp", report)
-        elif arg.is_dir():
-            items += _read_folder(arg, transcripts, report)
-        elif arg.suffix in (".jsonl", ".json"):
-            items += _read_jsonl(arg, report)
-        else:
-            items += _read_kaldi(arg, report)
-    seen: dict[str, str] = {}
-    unique = []
-    for it in items:
-        if it.key in seen:
-            report.exclude(it.key, it.origin, "duplicate_key", f"duplicate key (first at {seen[it.key]})")
-            continue
-        seen[it.key] = it.origin
-        unique.append(it)
-    return unique
+    """The corpus through the one manifest reader; its per-line problems become exclusions."""
+    records, errors = read_manifests(inputs, need_audio=True, targets="paired", transcripts=transcripts)
+    for e in errors:
+        if e.kind == "input":  # a whole argument unusable: say so rather than prepare a part
+            raise PrepareError(str(e))
+        report.exclude(e.key, e.path if e.line is None else f"{e.path}:{e.line}", e.kind, e.reason)
+    return [Item(r.key, r.source, r.target, r.origin) for r in records]
 
 
 # -- checks ------------------------------------------------------------------------------------------
 
-def _audio_kind(reason: str) -> str:
+def _audio_kind(e: AudioError) -> str:
+    reason = e.reason
+    if isinstance(e, NonFiniteAudioError):
+        return "non_finite_audio"
     if "not found" in reason:
         return "missing_audio"
     if "empty file" in reason or "no audio samples" in reason:
@@ -182,19 +96,20 @@ def robust_z(x: np.ndarray) -> np.ndarray:
 
 
 def check(items: list[Item], tokenizer: CharTokenizer, report: Report, min_seconds: float, workers: int) -> list[Item]:
-    """Headers in parallel, then transcripts; returns the usable items (with warnings attached)."""
-    def header(it):
+    """Audio decoded in parallel (a header cannot show NaN samples or a file cut short), then transcripts;
+    returns the usable items (with warnings attached)."""
+    def scan(it):
         try:
-            sr, n, _ = audio_info(it.source)
+            sr, n, _ = scan_audio(it.source)
             return sr, n, None
         except AudioError as e:
-            return 0, 0, e.reason
-    with ThreadPoolExecutor(workers) as pool:
-        headers = list(pool.map(header, items))
+            return 0, 0, e
+    with ThreadPoolExecutor(workers) as pool:  # libsndfile decodes without the GIL
+        scanned = list(pool.map(scan, items))
     good = []
-    for it, (sr, n, err) in zip(items, headers):
+    for it, (sr, n, err) in zip(items, scanned):
         if err is not None:
-            report.exclude(it.key, it.origin, _audio_kind(err), f"audio {it.source}: {err}")
+            report.exclude(it.key, it.origin, _audio_kind(err), f"audio {it.source}: {err.reason}")
             continue
         it.sample_rate, it.seconds = sr, n / sr
         if it.seconds < min_seconds:
@@ -204,10 +119,8 @@ def check(items: list[Item], tokenizer: CharTokenizer, report: Report, min_secon
             if not it.target.strip():
                 report.exclude(it.key, it.origin, "empty_transcript", "empty transcript")
                 continue
-            missing: list[str] = []
-            pieces = tokenizer.text2tokens(it.target, missing)
-            unknown = list(dict.fromkeys(missing + [t for t in pieces if t not in tokenizer.token2id]))
-            if unknown:
+            pieces, unknown = unknown_tokens(tokenizer, it.target)
+            if unknown:  # stricter than training, which refuses only transcripts of nothing but these
                 report.unknown_tokens.update(unknown)
                 report.exclude(it.key, it.origin, "unknown_tokens", "unknown tokens: " + " ".join(unknown))
                 continue
@@ -249,9 +162,10 @@ def token_spans(tokenizer: CharTokenizer, text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def split_long(it: Item, max_duration: float, tokenizer: CharTokenizer, align, out_dir: Path,
+def split_long(it: Item, max_duration: float, tokenizer: CharTokenizer, align, names: FileNames,
                report: Report) -> list[Item]:
-    """Cut a long clip at pauses into segment files; divide its transcript by the alignment."""
+    """Cut a long clip at pauses into segment files in `names`' folder (named after the key, made safe);
+    divide its transcript by the alignment."""
     import soundfile as sf
 
     from paratune.data.longaudio import SplitError, split
@@ -276,12 +190,16 @@ def split_long(it: Item, max_duration: float, tokenizer: CharTokenizer, align, o
                                                "after alignment")
                 continue
             text = it.target[mine[0][0]:mine[-1][1]].strip()
-        path = out_dir / "segments" / f"{key}.wav"
+        try:
+            path, note = names.path(key, ".wav")
+        except FileNameError as e:
+            report.exclude(key, it.origin, "split_failed", str(e))
+            continue
         piece = wave[int(seg.start * 16000):int(seg.end * 16000)]
         atomic_write(path, lambda f: sf.write(f, piece, 16000, format="WAV", subtype="PCM_16"))
         seg_item = Item(key, str(path), text, it.origin, 16000, len(piece) / 16000,
                         len(tokenizer.text2tokens(text)) if text is not None else 0,
-                        [f"segment {i} of {it.key} ({seg.start:.2f}-{seg.end:.2f} s)"])
+                        [f"segment {i} of {it.key} ({seg.start:.2f}-{seg.end:.2f} s)", *([note] if note else [])])
         out.append(seg_item)
     report.split.append({"key": it.key, "origin": it.origin, "segments": [s.key for s in out]})
     return out
@@ -378,6 +296,7 @@ def prepare(inputs, out_dir, tokenizer: CharTokenizer, lfr_n: int, transcripts=N
             it.target is not None and it.seconds > max_duration for it in good):
         raise PrepareError("--long-audio split needs --align-model DIR for labelled audio: without one the "
                            "transcript of each piece is unknown (use --long-audio drop or keep instead)")
+    names = FileNames(out_dir / "segments")
     for it in good:
         if max_duration and it.seconds > max_duration:
             if long_audio == "drop":
@@ -385,7 +304,7 @@ def prepare(inputs, out_dir, tokenizer: CharTokenizer, lfr_n: int, transcripts=N
                                                   "(--long-audio drop)")
                 continue
             if long_audio == "split":
-                report.kept += split_long(it, max_duration, tokenizer, align, out_dir, report)
+                report.kept += split_long(it, max_duration, tokenizer, align, names, report)
                 continue
             it.warnings.append(f"longer than {max_duration:g} s ({it.seconds:.1f} s): kept (--long-audio keep)")
         report.kept.append(it)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from paratune.data.loader import FeatureDataset, make_loader, model_inputs
-from paratune.data.manifest import read_lengths
+from paratune.data.lengths import read_lengths
 from paratune.data.sampler import MemoryBoundedSampler
 from paratune.modeldir import ASRModel
 from paratune.train.metrics import error_rate
@@ -13,7 +13,7 @@ from paratune.train.metrics import error_rate
 def load_split(paths, spec):
     """The manifests' usable lines as loader rows (key, source, target), their lengths, the bad lines."""
     lengths, errors = read_lengths(paths, spec.tokenizer, spec.frontend.lfr_n, spec.frontend.frame_shift,
-                                   spec.frontend.frame_length)
+                                   spec.frontend.frame_length, need_audio=True)
     rows = [{"key": key, "source": str(lengths.source(i)), "target": lengths.targets[i] or ""}
             for i, key in enumerate(lengths.keys)]
     return rows, lengths, errors

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import paratune
-from paratune.data.manifest import read_lengths, write_synthetic_manifest
+from paratune.data.lengths import read_lengths, write_synthetic_manifest
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
 from paratune.memory.estimate import load_or_fit
 from paratune.memory.plan import Limit

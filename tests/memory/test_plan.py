@@ -8,7 +8,7 @@ import pytest
 
 import paratune
 from paratune.cli import main
-from paratune.data.manifest import read_lengths, write_synthetic_manifest
+from paratune.data.lengths import read_lengths, write_synthetic_manifest
 from paratune.memory.estimate import load_or_fit
 from paratune.memory.plan import PlanError, parse_bytes
 from paratune.memory.trace import StepOptions, StepTracer
