@@ -71,9 +71,10 @@ def read_lengths(paths, tokenizer: CharTokenizer, lfr_n: int, frame_shift_ms: fl
                  need_audio: bool = False) -> tuple[Lengths, list[InputError]]:
     """Lengths of every usable utterance of the manifests `paths`; bad lines become errors naming file:line.
 
-    `need_audio` (finetune, eval): every line must name an audio file that exists; without it (plan) a
-    `source_len` is enough."""
-    records, errors = read_manifests(paths, need_audio=need_audio, targets="required", workers=workers)
+    `need_audio` (finetune, eval): every line must name its audio file (whether it can be read is found at
+    load time); without it (plan) a `source_len` is enough."""
+    records, errors = read_manifests(paths, need_audio=need_audio, targets="required", workers=workers,
+                                     find_audio=False)
     usable, tokens = [], []
     for r in records:
         try:

@@ -306,11 +306,14 @@ def _resolve_audio(records: list[Record], errors: list[InputError], workers: int
 
 
 def read_manifests(paths: Iterable[str | os.PathLike], need_audio: bool = False, targets: str = "optional",
-                   transcripts: str | os.PathLike | None = None, workers: int = 16) -> Manifest:
+                   transcripts: str | os.PathLike | None = None, workers: int = 16,
+                   find_audio: bool | None = None) -> Manifest:
     """Records of every input in order, plus the problems found (each naming file:line).
 
-    A repeated key is reported and the later record skipped. With `need_audio` each record's audio
-    file must exist (checked here, in parallel). `transcripts` is the TSV for folders of audio.
+    A repeated key is reported and the later record skipped. With `need_audio` each record must name its
+    audio; `find_audio` (default: `need_audio`) also looks for each file here, in parallel, and resolves
+    `source` to it (training leaves that to load time, where a clip that cannot be read is left out
+    with a ledger entry). `transcripts` is the TSV for folders of audio.
     """
     assert targets in TARGETS, targets
     result = Manifest()
@@ -339,7 +342,7 @@ def read_manifests(paths: Iterable[str | os.PathLike], need_audio: bool = False,
                 continue
             seen[r.key] = r.origin
             result.records.append(r)
-    if need_audio and result.records:
+    if (need_audio if find_audio is None else find_audio) and result.records:
         result.records = _resolve_audio(result.records, result.errors, workers)
     # found in several passes: list them by file, then line, as a person reads the lists
     files = {e.path: i for i, e in reversed(list(enumerate(result.errors)))}

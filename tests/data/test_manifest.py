@@ -1,5 +1,6 @@
 """read_manifests: audio files, wav.scp, Kaldi folders and FunASR jsonl lists, with per-line errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,101 @@ def test_duplicate_keys_keep_the_first(audio_dir, tmp_path):
 def test_input_error_str():
     assert str(InputError("list.scp", 3, "bad")) == "list.scp:3: bad"
     assert str(InputError("x.wav", None, "input not found")) == "x.wav: input not found"
+
+
+# -- issue 13 ------------------------------------------------------------------------------------------
+
+DEMO = Path(__file__).resolve().parents[2] / "paratune" / "assets"
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("bad", ["a\tb", "a\nb", "a\rb", "a\x00b", "a\x1bb", "a\u2028b", "a\x85b"])
+def test_keys_with_control_characters_are_refused(audio_dir, tmp_path, bad):
+    """A key holding a tab or newline would split transcribe's `key<TAB>text` line (defect 13)."""
+    a = str(audio_dir / "a.wav")
+    path = _jsonl(tmp_path / "data.jsonl", [{"key": "ok", "source": a}, {"key": bad, "source": a}])
+    result = read_inputs([path])
+    assert [r.key for r in result.records] == ["ok"]
+    assert [(e.path, e.line) for e in result.errors] == [(str(path), 2)]
+    assert "control character" in result.errors[0].reason
+
+
+def test_control_characters_in_scp_keys_and_file_names(audio_dir, tmp_path):
+    scp = tmp_path / "list.scp"
+    scp.write_bytes(b"esc\x1bkey " + str(audio_dir / "a.wav").encode() + b"\n")
+    odd = tmp_path / "two\tfields.wav"
+    odd.write_bytes((audio_dir / "b.wav").read_bytes())
+    result = read_inputs([scp, odd])
+    assert result.records == []
+    assert [(e.path, e.line) for e in result.errors] == [(str(scp), 1), (str(odd), None)]
+
+
+def test_output_line_stays_one_line_with_two_fields():
+    from paratune.data.manifest import output_line
+    assert output_line("k", "你好 world") == "k\t你好 world"
+    assert output_line("k", "a\tb\nfake\tline\r") == "k\ta b fake line "
+    with pytest.raises(ValueError):
+        output_line("a\nb", "x")
+
+
+def test_transcribe_prints_no_forged_line(tmp_path, capsys):
+    """Through the CLI with the bundled model: the tab key is an error naming file:line, the rest decodes."""
+    from paratune.cli import main
+    wav = str(DEMO / "demo" / "demo_01.wav")
+    path = _jsonl(tmp_path / "in.jsonl", [{"key": "good", "source": wav}, {"key": "evil\tforged", "source": wav},
+                                           {"key": "evil\nforged\tline", "source": wav}])
+    code = main(["transcribe", "--model", str(DEMO / "demo_model"), str(path)])
+    out, err = capsys.readouterr()
+    assert code == 1  # partial
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("good\t") and lines[0].count("\t") == 1
+    assert f"{path}:2:" in err and f"{path}:3:" in err and "Traceback" not in err
+
+
+def test_line_without_source_is_an_error_for_training_not_for_plan(tmp_path):
+    """Defect 5: finetune and eval need the audio; plan can work from source_len alone."""
+    from paratune.data.lengths import read_lengths
+    from paratune.modeldir import read_model_dir
+    spec = read_model_dir(DEMO / "demo_model")
+    path = _jsonl(tmp_path / "d.jsonl", [{"key": "k1", "source_len": 300, "target": "我的朋友"},
+                                         {"key": "k2", "source": "x.wav", "source_len": 300, "target": "我的朋友"}])
+    lengths, errors = read_lengths([path], spec.tokenizer, spec.frontend.lfr_n, need_audio=True)
+    assert lengths.keys == ["k2"]  # whether x.wav can be read is found at load time, with a ledger entry
+    assert [(e.path, e.line, e.kind) for e in errors] == [(str(path), 1, "no_audio")]
+    assert "source" in errors[0].reason
+    lengths, errors = read_lengths([path], spec.tokenizer, spec.frontend.lfr_n)
+    assert lengths.keys == ["k1", "k2"] and errors == []
+
+
+def test_transcript_of_only_unknown_tokens_is_refused(tmp_path):
+    """Defect 6: such a line trains the model to say <unk>."""
+    from paratune.data.lengths import read_lengths
+    from paratune.modeldir import read_model_dir
+    spec = read_model_dir(DEMO / "demo_model")
+    path = _jsonl(tmp_path / "d.jsonl", [{"key": "k1", "source_len": 300, "target": "☃☃ ♞"},
+                                         {"key": "k2", "source_len": 300, "target": "我的☃"},
+                                         {"key": "k3", "source_len": 300, "target": "   "}])
+    lengths, errors = read_lengths([path], spec.tokenizer, spec.frontend.lfr_n)
+    assert lengths.keys == ["k2"] and list(lengths.tokens) == [3]
+    assert [(e.line, e.kind) for e in errors] == [(1, "unknown_tokens"), (3, "empty_transcript")]
+    assert str(errors[0]) == f"{path}:1: transcript has only unknown tokens for this model: ☃ ♞"
+
+
+def test_kaldi_folder_and_audio_folder_with_tsv(audio_dir, tmp_path):
+    kaldi = tmp_path / "kaldi"
+    kaldi.mkdir()
+    (kaldi / "wav.scp").write_text(f"u1 {audio_dir / 'a.wav'}\nu2 {audio_dir / 'b.wav'}\n")
+    (kaldi / "text").write_text("u1 你好\nu3 没有音频\n", encoding="utf-8")
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("a.wav\t一\nb\t二\nnone.wav\t三\n", encoding="utf-8")
+    records, errors = read_manifests([kaldi, audio_dir], targets="paired", transcripts=tsv)
+    assert [(r.key, r.target) for r in records] == [("u1", "你好"), ("a", "一"), ("b", "二")]
+    assert sorted((e.kind, e.key) for e in errors) == [("no_audio", "none.wav"), ("no_audio", "u3"),
+                                                       ("no_transcript", "c"), ("no_transcript", "u2")]
+    # transcribe does not need transcripts: nothing is missing then
+    records, errors = read_manifests([kaldi], targets="optional")
+    assert [(r.key, r.target) for r in records] == [("u1", "你好"), ("u2", None)] and errors == []

@@ -147,3 +147,50 @@ def test_speaking_rate_outlier_is_flagged(tmp_path, capsys):
 def test_missing_input_is_an_error(tmp_path, capsys):
     code = main(["prepare", str(tmp_path / "nope.jsonl"), "--model", str(DEMO), "--output", str(tmp_path / "o")])
     assert code == 2 and "nope.jsonl: not found" in capsys.readouterr().err
+
+
+def test_non_finite_audio_is_found_by_reading_it(tmp_path, capsys):
+    """A float WAV with NaN or inf samples has a good header: prepare decodes it and leaves it out."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for name in ("good", "nan", "inf"):
+        wave = (rng.standard_normal(16000) * 0.01).astype("float32")
+        if name != "good":
+            wave[8000] = np.nan if name == "nan" else -np.inf
+        sf.write(tmp_path / f"{name}.wav", wave, 16000, subtype="FLOAT")
+        rows.append({"key": name, "source": f"{name}.wav", "target": "你好"})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    code = main(["prepare", str(tmp_path / "d.jsonl"), "--model", str(DEMO), "--output", str(tmp_path / "o")])
+    report = json.loads((tmp_path / "o" / "report.json").read_text(encoding="utf-8"))
+    assert code == 1
+    assert {e["key"]: e["kind"] for e in report["excluded"]} == {"nan": "non_finite_audio", "inf": "non_finite_audio"}
+    assert all("NaN or inf" in e["reason"] and "0.500 s" in e["reason"] for e in report["excluded"])
+    assert [json.loads(x)["key"] for x in (tmp_path / "o" / "data.jsonl").read_text().splitlines()] == ["good"]
+
+
+def test_split_segment_files_stay_in_the_output_folder(tmp_path, capsys, monkeypatch):
+    """Defect 1: segment files were named after the key, so `/abs/evil` or `../../evil` wrote outside
+    --output. Every key now gives a file in OUTPUT/segments, and keys that would share one both survive."""
+    from paratune.data import longaudio
+    monkeypatch.setattr(longaudio, "split", lambda wave, limit, tokens, align: [
+        longaudio.Segment(0.0, 1.0, None), longaudio.Segment(1.0, len(wave) / 16000, None)])
+    work = tmp_path / "work" / "deep"
+    work.mkdir(parents=True)
+    sf.write(work / "long.wav", np.zeros(16000 * 3, dtype="int16"), 16000, subtype="PCM_16")
+    keys = [str(tmp_path / "outside" / "evil"), "../../evil", "a/b", "A", "a", ".."]
+    (work / "d.jsonl").write_text("".join(json.dumps({"key": k, "source": "long.wav"}) + "\n" for k in keys))
+    before = {p for p in tmp_path.rglob("*")}
+    out = work / "out"
+    code = main(["prepare", str(work / "d.jsonl"), "--model", str(DEMO), "--output", str(out),
+                 "--max-duration", "2", "--long-audio", "split"])
+    assert code == 0, capsys.readouterr().err
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert all(p == out or out in p.parents for p in created), sorted(map(str, created - {out}))
+    rows = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == [f"{k}-{i:03d}" for k in keys for i in range(2)]
+    sources = [Path(r["source"]) for r in rows]
+    assert all(p.parent == (out / "segments").resolve() and p.is_file() for p in sources)
+    assert len({p.name.casefold() for p in sources}) == len(rows)  # "A" and "a" too (one file on macOS)
+    report = json.loads((out / "report.json").read_text())
+    warned = {w["key"]: " ".join(w["warnings"]) for w in report["warnings"]}
+    assert "already used by key 'A-000'" in warned["a-000"]
