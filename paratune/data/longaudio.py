@@ -8,6 +8,7 @@ token was spoken. Each token goes to the segment that contains its time.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,15 +21,11 @@ class SplitError(ValueError):
     """A clip that cannot be split as asked; the message says why."""
 
 
-_VAD = None
-
-
+@functools.lru_cache(maxsize=1)
 def _vad_model():
-    global _VAD
-    if _VAD is None:
-        from silero_vad import load_silero_vad
-        _VAD = load_silero_vad()
-    return _VAD
+    """silero-vad, loaded once per process (it is read-only after loading)."""
+    from silero_vad import load_silero_vad
+    return load_silero_vad()
 
 
 def speech_segments(wave: np.ndarray, min_silence_s: float = 0.1) -> list[tuple[float, float]]:

@@ -106,10 +106,10 @@ def resolve_source(source: str, list_dir: Path) -> Path:
 
 
 def control_char(text: str) -> str | None:
-    """The first control or line-separator character in `text`, if any: a key holding one could split
-    or forge a `key<TAB>text` output line."""
+    """The first control, line-separator or lone surrogate character in `text`, if any: a key holding one
+    could split or forge a `key<TAB>text` output line, or fail to print at all."""
     for c in text:
-        if unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+        if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs"):
             return c
     return None
 
@@ -165,6 +165,9 @@ def _jsonl_record(path: Path, number: int, text: str) -> Record:
     target = obj.get("target")
     if target is not None and not isinstance(target, str):
         raise ValueError("field 'target' is not a string")
+    for name in ("source", "target"):
+        if any(unicodedata.category(c) == "Cs" for c in obj.get(name) or ""):  # "\ud800" in JSON: no UTF-8 for it
+            raise ValueError(f"field {name!r} holds a lone surrogate (not valid Unicode)")
     return Record(obj["key"], source or "", target, str(path), number,
                   _length_field(obj, "source_len"), _length_field(obj, "target_len"))
 
@@ -203,12 +206,14 @@ def _pair(audio: dict[str, tuple[str, Path, int | None]], texts: dict[str, tuple
     for key, (source, where, line) in audio.items():
         target = texts[key][0] if texts is not None and key in texts else None
         if target is None and texts is not None and targets != "optional":
-            errors.append(InputError(where, line, f"no transcript for key {key!r} in {text_path}", "no_transcript", key))
+            errors.append(InputError(where, line, f"no transcript for key {key!r} in {text_path}", "no_transcript",
+                                     key))
             continue
         records.append(Record(key, source, target, str(where), line))
     if texts is not None and targets != "optional":
         for key in texts.keys() - audio.keys():
-            errors.append(InputError(text_path, texts[key][1], f"transcript without audio: key {key!r}", "no_audio", key))
+            errors.append(InputError(text_path, texts[key][1], f"transcript without audio: key {key!r}", "no_audio",
+                                     key))
     return records
 
 
@@ -241,7 +246,8 @@ def _read_folder(folder: Path, transcripts: Path | None, targets: str, errors: l
             matched[p.stem] = texts.pop(name)
     if texts is not None and targets != "optional":
         for name, (_, number) in texts.items():
-            errors.append(InputError(transcripts, number, f"no audio file named {name!r} in {folder}", "no_audio", name))
+            errors.append(InputError(transcripts, number, f"no audio file named {name!r} in {folder}", "no_audio",
+                                     name))
     return _pair(audio, matched if texts is not None else None, transcripts, targets, errors)
 
 

@@ -2,7 +2,8 @@
 
 Inputs: FunASR jsonl (`key`, `source`, `target`, lengths optional), a Kaldi `wav.scp` with its `text`
 beside it (or a Kaldi data folder holding both), or a folder of audio files with a transcript TSV
-(`name<TAB>text`, name = file name or stem). Durations come from the audio headers, read in parallel.
+(`name<TAB>text`, name = file name or stem), read by paratune.data.manifest. Each audio file is decoded
+once, in parallel: a header cannot show NaN/inf samples or data cut short.
 
 Nothing is dropped silently: every utterance left out is in the report with its reason, and so is every
 one kept with a warning (an unusual speaking rate or duration, a sample rate unlike the rest).
@@ -59,7 +60,8 @@ class Report:
 
 
 KINDS = ("bad_line", "duplicate_key", "no_transcript", "no_audio", "missing_audio", "empty_audio", "corrupt_audio",
-         "non_finite_audio", "too_short", "empty_transcript", "unknown_tokens", "too_long", "split_failed", "empty_segment")
+         "non_finite_audio", "too_short", "empty_transcript", "unknown_tokens", "too_long", "split_failed",
+         "empty_segment")
 
 
 # -- reading the inputs ----------------------------------------------------------------------------

@@ -295,3 +295,14 @@ def test_kaldi_folder_and_audio_folder_with_tsv(audio_dir, tmp_path):
     # transcribe does not need transcripts: nothing is missing then
     records, errors = read_manifests([kaldi], targets="optional")
     assert [(r.key, r.target) for r in records] == [("u1", "你好"), ("u2", None)] and errors == []
+
+
+def test_lone_surrogates_are_refused(audio_dir, tmp_path):
+    """JSON can spell a lone surrogate; it could not be printed or written back as UTF-8."""
+    a = json.dumps(str(audio_dir / "a.wav"))
+    path = tmp_path / "d.jsonl"
+    path.write_text(f'{{"key": "k\\ud800", "source": {a}}}\n{{"key": "t", "source": {a}, "target": "x\\udfff"}}\n'
+                    f'{{"key": "ok", "source": {a}}}\n')
+    result = read_inputs([path])
+    assert [r.key for r in result.records] == ["ok"]
+    assert [e.line for e in result.errors] == [1, 2]
