@@ -319,8 +319,11 @@ def _finetune(args) -> int:
     from paratune.memory.plan import PlanError, parse_bytes
     from paratune.modeldir import ModelDirError
     from paratune.train.config import FLAGS, ConfigError
+    from paratune.train.checkpoint import CheckpointError
     from paratune.train.distributed import DistributedError
     from paratune.train.finetune import FinetuneOptions, finetune
+    from paratune.train.ledger import LedgerError
+    from paratune.train.run_folder import RunFolderError
 
     try:
         bad_device = _device_error(args.device)
@@ -331,13 +334,14 @@ def _finetune(args) -> int:
             model=args.model, train=args.train, output=args.output, valid=args.valid,
             budget=parse_bytes(args.budget) if args.budget else None, config=args.config, overrides=overrides,
             flags={k: getattr(args, k) for k in FLAGS}, device=args.device, from_scratch=args.from_scratch,
-            resume=args.resume, fsdp=args.fsdp,
+            resume=args.resume, overwrite=args.overwrite, fsdp=args.fsdp,
             inject_oom=[int(x) for x in args.inject_oom.split(",") if x.strip()] if args.inject_oom else [],
             inject_oom_rank=args.inject_oom_rank)
         if not options.train:
             raise ConfigError("--train: no manifest given")
         return finetune(options)
-    except (ConfigError, ModelDirError, PlanError, PrepareError, DistributedError, ValueError) as e:
+    except (ConfigError, ModelDirError, PlanError, PrepareError, DistributedError, ValueError, CheckpointError,
+            LedgerError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -148,6 +148,9 @@ def _finetune(sub, run) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--from-scratch", action="store_true", help="random weights (the directory needs no model.pt)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUTPUT holds an earlier run: remove its ledger, checkpoint, kept models and memory.csv, "
+                        "and start over")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
                                                        "state over the ranks (FSDP2 fully_shard per block)")
     p.add_argument("--inject-oom", metavar="STEP[,STEP...]",

@@ -27,7 +27,7 @@ from paratune.memory.estimate import load_or_fit
 from paratune.memory.plan import gib, plan_run
 from paratune.memory.tracker import PeakMemory
 from paratune.modeldir import ASRModel, ModelDirError, load_model, read_model_dir, save_model
-from paratune.train import checkpoint, distributed
+from paratune.train import checkpoint, distributed, run_folder
 from paratune.train.config import apply_flags, load_config
 from paratune.train.guard import InjectOOM
 from paratune.train.ledger import Ledger
@@ -52,6 +52,7 @@ class FinetuneOptions:
     device: str | None = None
     from_scratch: bool = False  # random weights
     resume: bool = False  # from output/checkpoint.pt
+    overwrite: bool = False  # into a folder that holds a run: that run's files removed first
     fsdp: bool = False
     inject_oom: list[int] = field(default_factory=list)  # steps at which to raise a real OOM (testing)
     inject_oom_rank: int | None = None  # only on this rank (default: every rank)
@@ -61,6 +62,8 @@ class Finetune:
     def __init__(self, options: FinetuneOptions):
         self.opts = options
         self.step, self.epoch, self.position, self.best = 0, 0, 0, []
+        self.dropped, self.saved = [], None  # kept models to remove after the next save; the last save's step
+        self.interrupts, self.progress, self.monitor, self.ledger = run_folder.Interrupts(), None, None, None
         self.unreadable = []  # (key, reason) of clips left out of this step's batches
 
     def log(self, msg: str) -> None:
@@ -75,6 +78,16 @@ class Finetune:
                 self.epoch, self.position = self.epoch + 1, 0
                 self.validate_and_keep(f"ep{self.epoch - 1}")
                 self.save_state()
+                self._stop_if_interrupted()
+        except run_folder.Interrupted as stop:  # every rank, at the same step, the checkpoint saved
+            self.close()
+            self.log(str(stop))
+            return stop.code
+        except KeyboardInterrupt:  # a second signal: no checkpoint
+            self.abort()
+            self.log(f"stopped at once at epoch {self.epoch} step {self.step}; --resume continues from the last "
+                     f"checkpoint{f' (step {self.saved})' if self.saved is not None else ' (none was saved)'}")
+            return 130
         except BaseException:
             self.abort()
             raise
@@ -87,7 +100,10 @@ class Finetune:
         self.world = distributed.setup(o.device)
         self.lead = self.world.lead
         self.out = Path(o.output)
-        self.out.mkdir(parents=True, exist_ok=True)
+        # the folder before anything is loaded or fitted: writable, not another run's, something to resume
+        self.state = run_folder.open_folder(self.out, o.resume, o.overwrite, o.valid, self.log)
+        run_folder.prepare(self.out, self.state, o.overwrite, self.lead, self.world.rank, self.log)
+        distributed.barrier()
         self.spec = read_model_dir(o.model)
         self.config = apply_flags(load_config(self.spec.config, o.config, o.overrides), o.flags)
         self.tc, self.dc, self.mc = self.config["train_conf"], self.config["dataset_conf"], self.config["memory"]
@@ -107,6 +123,7 @@ class Finetune:
         self.inject = InjectOOM(self.model, o.inject_oom if o.inject_oom_rank in (None, self.world.rank) else [])
         # one tracker for the run: what an earlier tracked step left alive is still counted (leak detection)
         self.cpu_tracker = PeakMemory(self.model, self.optimizer) if self.world.device.type == "cpu" else None
+        self.interrupts.install()  # restored in abort()
 
     def _load_data(self) -> None:
         self.train_rows, self.train_len, errors = load_split(self.opts.train, self.spec)
@@ -171,11 +188,14 @@ class Finetune:
 
     def _resume(self) -> None:
         self.gen = torch.Generator().manual_seed(int(self.tc["seed"]))  # SpecAugment's
-        path = self.out / "checkpoint.pt"
-        if not (self.opts.resume and path.exists()):
+        path, state, self.state = self.out / "checkpoint.pt", self.state, None  # read and checked in set-up
+        if state is None:
             return
-        state = checkpoint.load(path)
-        checkpoint.set_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.opts.fsdp)
+        try:
+            checkpoint.set_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.opts.fsdp)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"{path}: does not fit this model and configuration: "
+                                             f"{str(e).splitlines()[0]}") from None
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -183,9 +203,7 @@ class Finetune:
         checkpoint.set_rng_state(state["rng"])
         self.gen.set_state(state["specaug_rng"])
         self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
-        self.position = state["sampler"]["position"]
-        if self.lead:
-            Ledger.truncate_after(self.out / "ledger.jsonl", self.epoch, self.step)
+        self.position, self.saved = state["sampler"]["position"], self.step
         self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}, batch {self.position} of the epoch")
 
     # -- the loop
@@ -225,6 +243,7 @@ class Finetune:
                 interval = int(self.tc["save_checkpoint_interval"])
                 if interval and self.step % interval == 0:
                     self.save_state()
+                self._stop_if_interrupted()
 
     def train_step(self, group: list[Micro], n_batches: int) -> None:
         self.step += 1
@@ -295,23 +314,45 @@ class Finetune:
                  f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances"
                  + (f" ({len(result['excluded'])} unreadable, left out)" if result["excluded"] else ""))
         path = self.out / f"model.{tag}.pt"
-        checkpoint.save(path, weights)
+        with run_folder.writing(path, self._kept()):
+            checkpoint.save(path, weights)
         keep = int(self.tc["keep_nbest_models"])
-        best = sorted(self.best + [[result["cer"], str(path)]], key=lambda x: x[0])
-        for _, drop in best[keep:]:
-            Path(drop).unlink(missing_ok=True)
+        # names, not paths: the folder can move; the dropped files go once a checkpoint no longer lists them
+        best = sorted(self.best + [[result["cer"], path.name]], key=lambda x: x[0])
+        self.dropped += [name for _, name in best[keep:]]
         self.best = best[:keep]
 
     def save_state(self) -> None:
         model_state, optim_state = checkpoint.full_state(self.model, self.optimizer, self.opts.fsdp)
         if not self.lead:
+            self.saved = self.step
             return
-        checkpoint.save(self.out / "checkpoint.pt", {
+        path, state = self.out / "checkpoint.pt", {
             "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "position": self.position},
             "rng": checkpoint.rng_state(), "specaug_rng": self.gen.get_state(), "step": self.step,
-            "epoch": self.epoch, "best": self.best})
+            "epoch": self.epoch, "best": self.best, "valid": [str(p) for p in self.opts.valid or []]}
+        with run_folder.writing(path, self._kept()):
+            checkpoint.save(path, state)
+        self.saved = self.step
+        for name in self.dropped:
+            run_folder.remove_kept(self.out, name, self.log)
+        self.dropped = []
+
+    def _kept(self) -> str:
+        return ("the previous checkpoint (step {}) is intact".format(self.saved) if self.saved is not None
+                else "no checkpoint was saved yet")
+
+    def _stop_if_interrupted(self) -> None:
+        """At a step boundary: if any rank got SIGINT or SIGTERM, every rank saves here and stops."""
+        if not distributed.any_rank(self.interrupts.signum is not None):
+            return
+        if self.saved != self.step:
+            self.save_state()
+        raise run_folder.Interrupted(f"interrupted at epoch {self.epoch} step {self.step} (batch {self.position} of "
+                                     f"the epoch); checkpoint saved: resume with --resume",
+                                     self.interrupts.exit_code())
 
     def close(self) -> None:
         """The end of training on every rank: files closed, FSDP's weights gathered, the group left."""
@@ -321,9 +362,11 @@ class Finetune:
 
     def abort(self) -> None:
         """What is safe on a failure too: no collective (the other ranks may be anywhere)."""
+        self.interrupts.restore()
         if self.progress:
             self.progress.stop()
-        self.monitor.close()
+        if self.monitor is not None:
+            self.monitor.close()
         if self.ledger is not None:
             self.ledger.close()
 
@@ -338,7 +381,7 @@ class Finetune:
             model = self.spec.build()
             model.load_state_dict(self.final_state)
         if self.best and int(tc["avg_nbest_model"]) > 0:
-            chosen = [p for _, p in self.best[:int(tc["avg_nbest_model"])]]
+            chosen = [self.out / name for _, name in self.best[:int(tc["avg_nbest_model"])]]
             model.load_state_dict(checkpoint.average(chosen))
             self.log(f"final model: average of {len(chosen)} best epochs by validation CER: "
                      + ", ".join(Path(p).name for p in chosen))

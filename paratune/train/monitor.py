@@ -73,6 +73,22 @@ def read_csv(path: Path, skipped: list[str] | None = None) -> list[Sample]:
     return samples
 
 
+def truncate_csv(path: Path, step: int) -> None:
+    """A resumed run's memory.csv: the rows of steps after the checkpoint dropped (they run again), and a
+    row a crash tore in half."""
+    from paratune.io import atomic_write_text
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = lines[:1]
+    for line in lines[1:]:
+        cells = line.split(",")
+        if len(cells) == len(FIELDS) and cells[0].isdigit() and int(cells[0]) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
 class MemoryMonitor:
     def __init__(self, out_dir: Path | None, budget: int, device: torch.device, window: int = 50,
                  tensorboard: bool = True, log=print):
