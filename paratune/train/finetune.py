@@ -314,7 +314,7 @@ class Finetune:
                  f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances"
                  + (f" ({len(result['excluded'])} unreadable, left out)" if result["excluded"] else ""))
         path = self.out / f"model.{tag}.pt"
-        with run_folder.writing(path, self._kept()):
+        with run_folder.writing(path, self.saved):
             checkpoint.save(path, weights)
         keep = int(self.tc["keep_nbest_models"])
         # names, not paths: the folder can move; the dropped files go once a checkpoint no longer lists them
@@ -333,16 +333,12 @@ class Finetune:
             "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "position": self.position},
             "rng": checkpoint.rng_state(), "specaug_rng": self.gen.get_state(), "step": self.step,
             "epoch": self.epoch, "best": self.best, "valid": [str(p) for p in self.opts.valid or []]}
-        with run_folder.writing(path, self._kept()):
+        with run_folder.writing(path, self.saved):
             checkpoint.save(path, state)
         self.saved = self.step
         for name in self.dropped:
             run_folder.remove_kept(self.out, name, self.log)
         self.dropped = []
-
-    def _kept(self) -> str:
-        return ("the previous checkpoint (step {}) is intact".format(self.saved) if self.saved is not None
-                else "no checkpoint was saved yet")
 
     def _stop_if_interrupted(self) -> None:
         """At a step boundary: if any rank got SIGINT or SIGTERM, every rank saves here and stops."""

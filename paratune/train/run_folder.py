@@ -120,8 +120,10 @@ def remove_kept(out: Path, name: str, log) -> None:
 
 
 @contextlib.contextmanager
-def writing(path: Path, kept: str):
-    """A full disk or a folder made read-only while the run goes on: said, with what is kept."""
+def writing(path: Path, saved: int | None):
+    """A full disk or a folder made read-only while the run goes on: said, with what is kept (the last
+    checkpoint, at step `saved`: atomic writes leave it whole)."""
+    kept = f"the previous checkpoint (step {saved}) is intact" if saved is not None else "no checkpoint was saved yet"
     try:
         yield
     except OSError as e:

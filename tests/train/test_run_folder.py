@@ -188,6 +188,23 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_loses_nothing(data, refe
     capsys.readouterr()
 
 
+def test_a_second_ctrl_c_stops_at_once(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "exp"
+    real = Finetune.train_step
+
+    def train_step(self, group, n_batches):
+        real(self, group, n_batches)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(Finetune, "train_step", train_step)
+    assert finetune(data, out, valid=False) == 130
+    err = capsys.readouterr().err
+    assert "stopped at once at epoch 0 step 2" in err and "Traceback" not in err
+    assert not (out / "checkpoint.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_ctrl_c_on_the_terminal_saves_and_workers_print_no_traceback(data, reference, tmp_path):
     """The terminal sends SIGINT to the whole process group, DataLoader workers included."""
     out = tmp_path / "exp"
