@@ -27,11 +27,16 @@ def _where(u, e) -> str:
     return str(e) if str(e).startswith(f"{u.origin}:") else f"{u.origin}: {e}"
 
 
+def _report(u, e) -> None:
+    print(f"error: {_where(u, e)}", file=sys.stderr)
+
+
 def _transcribe(args) -> int:
     import torch
 
     from paratune.data.audio import AudioError, audio_info, load_audio
     from paratune.data.manifest import output_line, read_manifests
+    from paratune.decode_long import decode_long
     from paratune.modeldir import ModelDirError, load_model
 
     bad_device = _device_error(args.device)
@@ -63,7 +68,8 @@ def _transcribe(args) -> int:
                 errors.append(e)
                 print(f"error: {_where(u, e)}", file=sys.stderr)
         ready = sorted((u for u in chunk if u.key in durations), key=lambda u: durations[u.key])
-        texts = _decode_long(asr, [u for u in ready if durations[u.key] > args.max_duration], args, errors)
+        long = [u for u in ready if durations[u.key] > args.max_duration]
+        texts = decode_long(asr, long, args.max_duration, args.batch_size, errors, _report, _log)
         ready = [u for u in ready if durations[u.key] <= args.max_duration]
         asr.frontend.eval()
         for b in range(0, len(ready), args.batch_size):
@@ -84,54 +90,6 @@ def _transcribe(args) -> int:
     if errors:
         return EXIT_PARTIAL if decoded else EXIT_FAILED
     return EXIT_OK
-
-
-def _decode_long(asr, utterances, args, errors: list) -> dict:
-    """Inputs over --max-duration, decoded piece by piece: cut at pauses (silero-vad, as `prepare
-    --long-audio split`), where none is found at the limit; whole, one 3-hour clip took 240 s and 3.4 GB."""
-    from paratune.data.audio import AudioError, load_audio
-    from paratune.data.longaudio import VAD_RATE, SplitError, split
-
-    texts = {}
-    for u in utterances:
-        try:
-            wave = load_audio(u.source, VAD_RATE)
-        except AudioError as e:
-            errors.append(e)
-            print(f"error: {_where(u, e)}", file=sys.stderr)
-            continue
-        duration, limit = len(wave) / VAD_RATE, args.max_duration
-        try:
-            bounds = [(s.start, s.end) for s in split(wave, limit)]
-            how = "at pauses"
-        except SplitError as e:  # no speech, or a stretch without a pause: cut at the limit
-            bounds = [(a, min(a + limit, duration)) for a in _arange(0.0, duration, limit)]
-            how = f"every {limit:g} s ({e})"
-        _log(f"{u.key}: {duration:.1f} s is over --max-duration {limit:g}: decoded in {len(bounds)} pieces cut {how}")
-        pieces = [wave[int(a * VAD_RATE):int(b * VAD_RATE)] for a, b in bounds]
-        pieces = [p for p in pieces if len(p) >= VAD_RATE // 10]  # under 0.1 s: no frame worth decoding
-        if VAD_RATE != asr.frontend.fs:
-            import soxr
-            pieces = [soxr.resample(p, VAD_RATE, asr.frontend.fs) for p in pieces]
-        out = []
-        for b in range(0, len(pieces), args.batch_size):
-            out += asr.decode_features([asr.frontend.features(p) for p in pieces[b:b + args.batch_size]])
-        texts[u.key] = _join(out)
-    return texts
-
-
-def _arange(start: float, stop: float, step: float) -> list[float]:
-    return [start + i * step for i in range(max(1, -int(-(stop - start) // step)))]
-
-
-def _join(texts: list[str]) -> str:
-    """Pieces' texts as one: a space between two words in a spaced script, none between CJK characters."""
-    out = ""
-    for t in (t.strip() for t in texts):
-        if out and t and out[-1].isascii() and out[-1].isalnum() and t[0].isascii() and t[0].isalnum():
-            out += " "
-        out += t
-    return out
 
 
 def _log(msg: str) -> None:

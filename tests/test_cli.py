@@ -81,3 +81,9 @@ def test_a_long_input_without_pauses_is_cut_at_the_limit(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert [line.split("\t")[0] for line in out.splitlines()] == ["hum", "short"]
     assert "3 pieces cut every 2 s" in err
+
+
+def test_pieces_texts_are_joined_as_their_script_wants():
+    from paratune.decode_long import join_texts
+    assert join_texts(["你好", " 世界", ""]) == "你好世界"
+    assert join_texts(["hello there", "world", "你好"]) == "hello there world你好"
