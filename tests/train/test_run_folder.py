@@ -209,12 +209,13 @@ def test_ctrl_c_on_the_terminal_saves_and_workers_print_no_traceback(data, refer
     """The terminal sends SIGINT to the whole process group, DataLoader workers included."""
     out = tmp_path / "exp"
     env = {**os.environ, "PARATUNE_CACHE": str(data["cache"])}
-    proc = subprocess.Popen([sys.executable, "-m", "paratune", *args(data, out, workers=1)[:]], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "paratune", *args(data, out, workers=1)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (
             (out / "ledger.jsonl").exists() and len((out / "ledger.jsonl").read_text().splitlines()) >= 8):
         time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
