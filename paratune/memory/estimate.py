@@ -62,11 +62,13 @@ class MemoryModel:
     max_frames: int = 0  # the probes covered T up to this and U up to max_tokens
     max_tokens: int = 0
     options: dict = field(default_factory=dict)
-    key: str = ""
+    key: str = ""  # names the cached fit: fit_key's hash of config and options, and the range
     probes: list[dict] = field(default_factory=list)
     holdout: list[dict] = field(default_factory=list)
     calibration: dict | None = None
     parts: list[int] = field(default_factory=list)  # per kept stage: FIRST, LATER or TAIL
+    # a fit over a wider range that predicts the shapes past this one's (the plan's outliers); not stored
+    beyond: MemoryModel | None = field(default=None, repr=False, compare=False)
 
     @property
     def static_step(self) -> int:
@@ -75,7 +77,20 @@ class MemoryModel:
 
     def peaks(self, b, t, u, later: bool = False) -> np.ndarray:
         """Predicted peak bytes for arrays of batch shapes (vectorised): of a step of one micro-batch,
-        or (`later`) of a micro-batch after the first of an accumulated or split step."""
+        or (`later`) of a micro-batch after the first of an accumulated or split step. Past the fitted
+        range the quadratic is an extrapolation: the prediction is never below the range's edge, which
+        the step's true peak (growing with T and U) is not below either; `beyond`, where set, predicts there."""
+        raw = self._peaks(b, t, u, later)
+        t, u = np.asarray(t), np.asarray(u)
+        past = (t > self.max_frames) | (u > self.max_tokens)
+        if not self.max_frames or not past.any():
+            return raw
+        edge = self._peaks(b, np.minimum(t, self.max_frames), np.minimum(u, self.max_tokens), later)
+        other = raw if self.beyond is None else self.beyond.peaks(b, t, u, later)
+        out = np.where(past, np.maximum(edge, other), raw)
+        return float(out) if out.ndim == 0 else out
+
+    def _peaks(self, b, t, u, later: bool) -> np.ndarray:
         f = features(b, t, u)
         use = [j for j, p in enumerate(self.parts) if p in (ACCUMULATED if later else SINGLE)]
         coef, grads = np.asarray(self.coef)[use].T, np.asarray(self.gradients, dtype=float)[use]
@@ -227,35 +242,67 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "paratune" / "memory"
 
 
+def _grid_up(x: int, least: int) -> int:
+    """The first of least x (1, 1.5, 2, 3, 4, 6, 8, ...) at or above x (`least` a power of two)."""
+    v = least
+    while v < x:
+        v = v * 3 // 2 if v & (v - 1) == 0 else v * 4 // 3
+    return v
+
+
 def fit_range(max_frames: int, max_tokens: int) -> tuple[int, int]:
-    """Round the range up, so that manifests of similar lengths share a cached fit."""
-    frames = max(64, math.ceil(max_frames / 64) * 64)
-    tokens = max(16, math.ceil(max_tokens / 16) * 16)
-    return frames, min(tokens, frames)
+    """Round the range up on a coarse grid, so that manifests of similar lengths share a cached fit."""
+    frames = _grid_up(max_frames, 64)
+    return frames, min(_grid_up(max_tokens, 16), frames)
+
+
+def entry_key(key: str, max_frames: int, max_tokens: int) -> str:
+    """A cached fit's name: the config-and-options hash and the range (one file per range)."""
+    return f"{key}.t{max_frames}.u{max_tokens}"
+
+
+def cached_fits(cache: Path, key: str) -> list[MemoryModel]:
+    """The readable fits of this config and options: one per range, and an older single-file entry
+    (named by the hash alone) if there is one. A damaged or foreign file is passed over."""
+    out = []
+    for path in sorted(cache.glob(f"{key}*.json")):
+        try:
+            model = MemoryModel.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if path.stem == model.key and model.key in (key, entry_key(key, model.max_frames, model.max_tokens)):
+            out.append(model)
+    return out
+
+
+def pick_fit(fits: list[MemoryModel], max_frames: int, max_tokens: int) -> MemoryModel | None:
+    """The smallest fit that covers the range and is within 2x of it (rounded as a new fit would be):
+    a fit on much longer probes is poor at short shapes (one fitted to 180,032 frames over-predicted a
+    17 x 36-frame batch 48-fold). Among equal ranges a calibrated one."""
+    frames, tokens = fit_range(max_frames, max_tokens)
+    near = [m for m in fits if m.covers(max_frames, max_tokens)
+            and m.max_frames <= 2 * frames and m.max_tokens <= 2 * tokens]
+    return min(near, key=lambda m: (m.max_frames, m.max_tokens, not m.calibration), default=None)
 
 
 def load_or_fit(config: dict, vocab: int, input_size: int, options: StepOptions, max_frames: int,
                 max_tokens: int, holdout: int = 2, cache: Path | None = None, log=None) -> tuple[MemoryModel, bool]:
-    """The cached fit for this model config and these options if it covers the range, else a new
-    fit (then cached). Returns (model, was_cached)."""
+    """The cached fit for this model config and these options that suits the range (`pick_fit`), else
+    a new fit, cached beside the others. Returns (model, was_cached)."""
     cache = cache_dir() if cache is None else Path(cache)
     key = fit_key(config, vocab, input_size, options)
-    path = cache / f"{key}.json"
-    if path.exists():
-        try:
-            model = MemoryModel.from_dict(json.loads(path.read_text(encoding="utf-8")))
-            if model.key == key and model.covers(max_frames, max_tokens):
-                return model, True
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged or old cache entry is refitted and overwritten
+    model = pick_fit(cached_fits(cache, key), max_frames, max_tokens)
+    if model is not None:
+        return model, True
     frames, tokens = fit_range(max_frames, max_tokens)
     if log:
         log(f"fitting the memory model ({options.precision}, checkpointing "
             f"{'on' if options.checkpointing else 'off'}) up to {frames} frames, {tokens} tokens")
-    model = fit(StepTracer(config, vocab, input_size, options), frames, tokens, holdout=holdout, key=key)
+    model = fit(StepTracer(config, vocab, input_size, options), frames, tokens, holdout=holdout,
+                key=entry_key(key, frames, tokens))
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(model.to_dict()))
+        atomic_write_text(cache / f"{model.key}.json", json.dumps(model.to_dict()))
     except OSError as e:  # a read-only home is no reason to fail the plan
         if log:
             log(f"warning: cannot cache the fit in {cache} ({e.strerror or e})")

@@ -132,6 +132,52 @@ def _too_big(sampler: MemoryBoundedSampler) -> int:
     return int((limit.need(np.ones_like(frames), frames, sampler.tokens) > limit.budget).sum())
 
 
+def fitted_limit(limit_for, frames: np.ndarray, tokens: np.ndarray) -> Limit:
+    """The limit of a fit whose range covers every utterance that fits the budget alone, and not the
+    outlier that cannot: a fit stretched to a 3-hour clip is poor at the short batches trained. The
+    range starts at twice the longest utterance but the longest 1 %. Utterances past it that may fit
+    (their peak at the range's edge, below their true one, is within the budget) are checked on a
+    wider fit (`beyond`): those that fit widen the range, the rest are predicted by it, and excluded."""
+    order = np.sort(frames)
+    t_fit = int(min(order[-1], 2 * order[len(order) - 1 - len(order) // 100]))
+    while True:
+        limit = limit_for(t_fit, int(tokens[frames <= t_fit].max()))
+        m = limit.model
+        past = (frames > m.max_frames) | (tokens > m.max_tokens)
+        if not m.max_frames or not past.any():
+            return limit
+        t, u = frames[past], tokens[past]
+        if not (maybe := _edge_fits(limit, t, u)).any():
+            return limit
+        wide = _wider(limit, limit_for, frames, tokens, t[maybe], u[maybe])
+        fit = (t <= wide.model.max_frames) & (wide.need(np.ones(len(t)), t, u) <= wide.budget)
+        if not fit.any() or int(t[fit].max()) <= t_fit:
+            if wide.model is not m:
+                m.beyond = wide.model
+            return limit
+        t_fit = int(t[fit].max())  # an utterance that fits is trained: the range covers it
+
+
+def _edge_fits(limit: Limit, t: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Whether each utterance alone, cut to the fitted range, fits: past the range the step is bigger,
+    so those that do not cannot fit."""
+    m = limit.model
+    return limit.need(np.ones(len(t)), np.minimum(t, m.max_frames), np.minimum(u, m.max_tokens)) <= limit.budget
+
+
+def _wider(limit: Limit, limit_for, frames, tokens, t: np.ndarray, u: np.ndarray) -> Limit:
+    """A limit whose fit reaches past the longest utterance that fits alone, or covers `t`: first a
+    quarter past where `limit`'s extrapolation puts that length, then doubling."""
+    rate = float(np.median(u / t))
+    reach = min(int(t.max()), max(2 * limit.model.max_frames, int(1.25 * longest_alone(limit, rate, int(t.max())))))
+    while True:
+        wide = limit_for(reach, int(tokens[frames <= reach].max()))
+        out = t > wide.model.max_frames
+        if reach >= t.max() or not _edge_fits(wide, t[out], u[out]).any():
+            return wide
+        reach = min(int(t.max()), 2 * reach)
+
+
 def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "cuda", world_size: int = 1,
              rank: int = 0, fsdp: bool = False, fit=None, log=None) -> RunPlan:
     """The one planning entry of `paratune plan` and `paratune finetune`. `fit(options, max_frames,
@@ -145,20 +191,23 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
         raise PlanError("--fsdp shards over ranks: give --world-size 2 or more (under torchrun, --nproc-per-node)")
     dc, mc, tc = config["dataset_conf"], config["memory"], config["train_conf"]
     frames, accum = planned_frames(lengths, config), max(1, int(tc["accum_grad"]))
-    t_max, u_max = int(frames.max()), int(lengths.tokens.max())
     fit = fit or (lambda o, t, u: load_or_fit(spec.config, spec.vocab_size, spec.input_size, o, t, u, log=log)[0])
-    bounds = bucket_boundaries(t_max, dc["buckets"]) if dc["buckets"] else None
+    bounds = bucket_boundaries(int(frames.max()), dc["buckets"]) if dc["buckets"] else None
+    padded = np.asarray(bounds)[np.searchsorted(bounds, frames)] if bounds else frames
 
-    def sampler_for(checkpointing: bool) -> tuple[MemoryBoundedSampler, StepOptions]:
-        options = step_options(config, device, world_size, fsdp, checkpointing)
-        model = fit(options, t_max, u_max)
+    def limit_for(options: StepOptions, t: int, u: int) -> Limit:
+        model = fit(options, t, u)
         if fsdp:  # per rank: sharded parameters, gradients, optimizer state
             import torch
 
             from paratune.memory.shard import shard_model
             with torch.device("meta"):
                 model = shard_model(model, spec.build(), world_size)
-        limit = Limit(model, budget, device, mc["margin"], accumulate=accum > 1)
+        return Limit(model, budget, device, mc["margin"], accumulate=accum > 1)
+
+    def sampler_for(checkpointing: bool) -> tuple[MemoryBoundedSampler, StepOptions]:
+        options = step_options(config, device, world_size, fsdp, checkpointing)
+        limit = fitted_limit(lambda t, u: limit_for(options, t, u), padded, lengths.tokens)
         sampler = MemoryBoundedSampler(frames, lengths.tokens, limit, seed=int(tc["seed"]),
                                        buffer_size=int(dc["buffer_size"]), buckets=bounds,
                                        costliest_first=bool(dc["costliest_first"]), max_batch=dc["max_batch"],
@@ -250,9 +299,11 @@ class Plan:
         }
 
 
-def longest_alone(limit: Limit, tokens_per_frame: float) -> int:
-    """The most frames one utterance may have and still fit (with the corpus's token rate)."""
-    lo, hi = 0, max(1, limit.model.max_frames)
+def longest_alone(limit: Limit, tokens_per_frame: float, hi: int | None = None) -> int:
+    """The most frames one utterance may have and still fit (with the corpus's token rate), up to `hi`
+    (default: as far as the fit or its wider one reaches)."""
+    m = limit.model
+    lo, hi = 0, max(1, hi or max(m.max_frames, m.beyond.max_frames if m.beyond else 0))
     if limit.fits(1, hi, max(1, int(hi * tokens_per_frame))):
         return hi
     while hi - lo > 1:

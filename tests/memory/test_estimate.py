@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from paratune.memory.estimate import MemoryModel, fit, load_or_fit, random_shapes
+from paratune.memory.estimate import MemoryModel, entry_key, fit, fit_range, load_or_fit, random_shapes
 from paratune.memory.trace import StepOptions, StepTracer, fit_key
 from tests.model.reference import load_config, small_config
 
@@ -92,21 +92,21 @@ def test_cache_reuses_a_fit_that_covers_the_range(config, tmp_path):
     options = StepOptions()
     model, cached = load_or_fit(config, 100, 560, options, 100, 20, holdout=0, cache=tmp_path)
     assert not cached
-    path = tmp_path / f"{fit_key(config, 100, 560, options)}.json"
+    # one file per range, named by the hash of config and options and by the range (rounded up)
+    assert model.key == entry_key(fit_key(config, 100, 560, options), 128, 24) and fit_range(100, 20) == (128, 24)
+    path = tmp_path / f"{model.key}.json"
     assert json.loads(path.read_text())["key"] == model.key
     again, cached = load_or_fit(config, 100, 560, options, 90, 18, holdout=0, cache=tmp_path)
     assert cached and again.to_dict() == model.to_dict()
     assert again.peak(3, 77, 9) == model.peak(3, 77, 9)
     # other options are another fit
-    assert fit_key(config, 100, 560, StepOptions(precision="bf16")) != model.key
-    # a range the fit does not cover is refitted; a damaged entry too
-    _, cached = load_or_fit(config, 100, 560, options, 400, 20, holdout=0, cache=tmp_path)
-    assert not cached
+    assert not fit_key(config, 100, 560, StepOptions(precision="bf16")).startswith(model.key.split(".")[0])
+    # a range the fit does not cover is another fit, cached beside it; a damaged entry is refitted
+    wide, cached = load_or_fit(config, 100, 560, options, 400, 20, holdout=0, cache=tmp_path)
+    assert not cached and (tmp_path / f"{wide.key}.json").exists() and path.exists()
     path.write_text("{not json")
-    with pytest.raises(json.JSONDecodeError):
-        json.loads(path.read_text())
     fresh, cached = load_or_fit(config, 100, 560, options, 100, 20, holdout=0, cache=tmp_path)
-    assert not cached and MemoryModel.from_dict(json.loads(path.read_text())).key == fresh.key
+    assert not cached and MemoryModel.from_dict(json.loads(path.read_text())).key == fresh.key == model.key
 
 
 def test_unknown_options_are_refused():
