@@ -34,7 +34,7 @@ def run_demo(output: Path, budget: str = "2GiB") -> int:
     say(f"CER on the 24 test clips before fine-tuning: {100 * before:.2f} %\n")
     code = finetune(FinetuneOptions(model=MODEL, train=[DATA / "train.jsonl"], valid=[DATA / "dev.jsonl"],
                                     output=Path(output), budget=parse_bytes(budget), device="cpu",
-                                    config=DATA / "finetune.yaml"))
+                                    config=DATA / "finetune.yaml", overwrite=True))  # a demo may run again
     if code != 0:
         return code
     after = cer(output / "final")
