@@ -366,7 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     from paratune.train.distributed import set_alloc_conf
     set_alloc_conf()  # every command, before any of them touches CUDA
     args = build_parser(COMMANDS, __doc__).parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # before finetune's own handler is installed, or in another command
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a folder that went away: the file and the reason, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from paratune import cli
 from paratune.cli import main
 
 MODEL = Path(__file__).resolve().parents[1] / "paratune" / "assets" / "demo_model"
@@ -87,3 +88,16 @@ def test_pieces_texts_are_joined_as_their_script_wants():
     from paratune.decode_long import join_texts
     assert join_texts(["你好", " 世界", ""]) == "你好世界"
     assert join_texts(["hello there", "world", "你好"]) == "hello there world你好"
+
+
+@pytest.mark.parametrize("error, code, said", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (OSError(28, "No space left on device", "/runs/exp/ledger.jsonl"), 2,
+     "error: /runs/exp/ledger.jsonl: No space left on device"),
+])
+def test_interrupts_and_os_errors_are_a_line_not_a_traceback(monkeypatch, capsys, tmp_path, error, code, said):
+    def fails(args):
+        raise error
+    monkeypatch.setitem(cli.COMMANDS, "doctor", fails)
+    assert cli.main(["doctor", str(tmp_path / "log.txt")]) == code
+    assert said in capsys.readouterr().err
