@@ -100,12 +100,13 @@ class Finetune:
         self.world = distributed.setup(o.device)
         self.lead = self.world.lead
         self.out = Path(o.output)
-        # the folder before anything is loaded or fitted: writable, not another run's, something to resume
+        # the configuration (checked), then the folder, before anything is loaded or fitted and before a
+        # bad value could leave a folder behind or --overwrite empty one
+        self.spec = read_model_dir(o.model)
+        self.config = apply_flags(load_config(self.spec.config, o.config, o.overrides), o.flags)
         self.state = run_folder.open_folder(self.out, o.resume, o.overwrite, o.valid, self.log)
         run_folder.prepare(self.out, self.state, o.overwrite, self.lead, self.world.rank, self.log)
         distributed.barrier()
-        self.spec = read_model_dir(o.model)
-        self.config = apply_flags(load_config(self.spec.config, o.config, o.overrides), o.flags)
         self.tc, self.dc, self.mc = self.config["train_conf"], self.config["dataset_conf"], self.config["memory"]
         self.max_epoch, self.accum = int(self.tc["max_epoch"]), max(1, int(self.tc["accum_grad"]))
         torch.manual_seed(int(self.tc["seed"]))
