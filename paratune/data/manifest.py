@@ -337,7 +337,7 @@ def read_manifests(paths: Iterable[str | os.PathLike], need_audio: bool = False,
             continue
         if not records and not errors:
             # say so, or an empty list would make a run that silently does nothing
-            errors.append(InputError(path, None, "empty: no utterances", "input"))
+            errors.append(InputError(path, None, "empty manifest: no utterances", "input"))
         result.errors += errors
         for r in records:
             problem = _check(r, need_audio, targets)
