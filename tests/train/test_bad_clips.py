@@ -45,7 +45,7 @@ def manifest(shared_data, tmp_path_factory):
            "notaudio": str(tmp / "text.wav")}
     lines = good.read_text().splitlines()
     for key, source in bad.items():
-        lines.append(json.dumps({"key": key, "source": source, "source_len": 20, "target": "one"}))
+        lines.append(json.dumps({"key": key, "source": source, "source_len": 20, "target": "1"}))
     path = tmp / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     keys = [json.loads(x)["key"] for x in lines]
