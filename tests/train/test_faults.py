@@ -1,18 +1,20 @@
 """The fault matrix: SIGKILL during a step, a save and validation, in one process and in 2-rank DDP, then
-`--resume` until the run completes. Every utterance is trained exactly once per epoch, and the weights are
-those of an uninterrupted run (CPU).
+`--resume` until the run completes. Every utterance is trained exactly once per epoch (the ledger, and the
+same ledger as an uninterrupted run), and the weights are an uninterrupted run's (CPU): the last
+checkpoint's, each kept model.epN.pt and final/ (their average). Nothing of a torn save is left behind.
 
-Each case runs `paratune finetune` through tests/train/fault_driver.py, which wraps one function of the
-product and SIGKILLs its own process at the function's Nth call (no hook in the product). The kill points
-are drawn, with a seeded generator (SEED), from the calls an uninterrupted reference run of the same
-command made (the driver traces them): only points after the first checkpoint (before it there is nothing
-to resume), distinct, and injected in the run's order (each kill later than the one before). After a kill the next
-process resumes from whatever checkpoint.pt the killed one left; the kill's N counts that process's calls
-from the checkpoint it resumes from.
+Each case runs `paratune finetune` (with --valid: validation and kept models are part of the state)
+through tests/train/fault_driver.py, which wraps one function of the product and SIGKILLs its own process
+at the function's Nth call: no hook in the product. The kill points are drawn with a seeded generator
+(SEED) from the calls an uninterrupted reference run of the same command made (the driver traces them):
+after the first checkpoint (before it there is nothing to resume), spread over the group's sites, distinct,
+and injected in the run's order. After a kill the next process resumes from whatever checkpoint.pt the
+killed one left; its N counts that process's calls from the checkpoint it resumes from. Each case prints
+what it injected and found (pytest -s).
 
 Every subprocess has a deadline and runs in its own session, killed whole on a timeout: a rank blocked on
 a collective with a dead peer fails the test instead of hanging it. (torchrun's agent notices the
-SIGKILLed worker within a second and sends SIGTERM to the others, then exits 1.)
+SIGKILLed worker at once, sends SIGTERM to the other, and exits 1.)
 """
 from __future__ import annotations
 
@@ -132,16 +134,38 @@ def _ledger(out: Path) -> list[dict]:
 
 def _tracebacks(err: str) -> int:
     """Tracebacks printed by paratune; torchrun's own report of a failed worker is not one."""
-    return err.count("Traceback (most recent call last)") - err.count("ChildFailedError")
+    return sum("ChildFailedError" not in part for part in err.split("Traceback (most recent call last)")[1:])
 
 
-def _weights_equal(a: dict, b: dict, what: str) -> float:
-    assert set(a) == set(b), what
-    worst = max((float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()),
-                default=0.0)
-    assert all(torch.allclose(a[k].double(), b[k].double(), rtol=0, atol=1e-6) for k in a), \
-        f"{what}: differs from the uninterrupted run by up to {worst:g}"
-    return worst
+def _difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts (inf if their keys differ)."""
+    if set(a) != set(b):
+        return float("inf")
+    return max((float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()),
+               default=0.0)
+
+
+def _kind(call: dict, site: str) -> str:
+    if site != "save":
+        return site
+    name = call["file"]
+    return "final" if name.startswith("final/") else "checkpoint" if name.endswith("/checkpoint.pt") else "kept"
+
+
+def _kill_points(calls: list[dict], group: str, k: int, rng: random.Random) -> list[tuple[int, str]]:
+    """k (reference call, driver site) pairs after the first checkpoint, in the run's order, distinct calls;
+    spread over kinds first (each site of the group; for saves: checkpoint.pt, a kept model.epN.pt,
+    final/model.pt), then the call of each kind at random."""
+    first = next(i for i, c in enumerate(calls) if c["site"] == "save" and c["file"].endswith("/checkpoint.pt"))
+    candidates = [(i, site) for i in range(first + 1, len(calls)) for site in GROUPS[group]
+                  if calls[i]["site"] == BASE[site]]
+    kinds = sorted({_kind(calls[i], site) for i, site in candidates})
+    chosen = {}
+    for kind in (rng.sample(kinds, k) if k <= len(kinds) else [rng.choice(kinds) for _ in range(k)]):
+        free = [(i, site) for i, site in candidates if _kind(calls[i], site) == kind and i not in chosen]
+        i, site = rng.choice(free)
+        chosen[i] = site
+    return sorted(chosen.items())
 
 
 @pytest.mark.slow
@@ -156,16 +180,12 @@ def test_sigkill_then_resume_trains_every_utterance_once_and_the_same_weights(da
     rng = random.Random(f"{SEED}:{mode}:{group}")
     out, faults = tmp_path / "run", tmp_path / "faults.log"
     cmd = _command(data, mode, out)
-    first = next(i for i, c in enumerate(calls) if c["site"] == "save" and c["file"].endswith("/checkpoint.pt"))
-    # the kill points: distinct calls of the group's sites after the first checkpoint, in the run's order
-    points = sorted(rng.sample([i for i in range(first + 1, len(calls))
-                                if calls[i]["site"] in {BASE[s] for s in GROUPS[group]}], KILLS[(mode, group)]))
-    rank_offset, injected, killed_tracebacks, survivors = rng.randrange(2), [], 0, Counter()
-    for k, at in enumerate(points):
+    points = _kill_points(calls, group, KILLS[(mode, group)], rng)
+    rank_offset, injected, killed_tracebacks, others = rng.randrange(2), [], 0, Counter()
+    for k, (at, site) in enumerate(points):
         resume = (out / "checkpoint.pt").exists()
         start = _start(calls, out) if resume else 0
-        assert start <= at, f"resumed after the next kill point: {injected}"
-        site = rng.choice([s for s in GROUPS[group] if BASE[s] == calls[at]["site"]])
+        assert start <= at, f"resumed after the next kill point (reference call {at}): {injected}"
         n = sum(c["site"] == BASE[site] for c in calls[start:at + 1])
         # only rank 0 saves and validates; either rank can die in a step
         rank = (k + rank_offset) % 2 if (mode == "ddp" and group == "step") else 0
@@ -175,21 +195,19 @@ def test_sigkill_then_resume_trains_every_utterance_once_and_the_same_weights(da
         assert len(fired) == k + 1 and fired[-1] == f"{site} {n} rank {rank}", \
             f"the fault {site}:{n} on rank {rank} did not fire (exit {code}):\n{err[-3000:]}"
         assert code != 0, err[-3000:]
-        point = calls[at].get("file", "") + (f" (epoch {calls[at]['epoch']}, step {calls[at]['step']})"
+        where = calls[at].get("file", "") + (f" (epoch {calls[at]['epoch']}, step {calls[at]['step']})"
                                              if "step" in calls[at] else "")
         injected.append(f"{site}:{n} rank {rank} from {'checkpoint' if resume else 'start'} "
-                        f"[reference call {at} of {len(calls)}{' ' + point if point else ''}]")
+                        f"[reference call {at} of {len(calls)}{' ' + where if where else ''}]")
         killed_tracebacks += _tracebacks(err)
-        if mode == "ddp":  # how the other rank ended: torchrun's report of each worker
-            survivors.update(x.split("(")[0].strip() for x in err.splitlines() if x.strip().startswith("exitcode"))
-    assert len(injected) == KILLS[(mode, group)], injected
+        if mode == "ddp":  # how the other rank ended, from torchrun's report of each worker
+            others.update(x.split(":", 1)[1].split("(")[0].strip() for x in err.splitlines()
+                          if x.strip().startswith("exitcode") and "SIGKILL" not in x)
 
     code, err = _run(cmd + ["--resume"], data)  # no fault armed: the run completes
     resume_tracebacks = _tracebacks(err)
     assert code == 0, err[-4000:]
-    assert "Traceback" not in err, err[-4000:]
 
-    # (1) every utterance exactly once per epoch, trained; the same ledger as the uninterrupted run
     keys = Counter(json.loads(x)["key"] for x in data["train"].read_text().splitlines())
     ledger = _ledger(out)
     lost = repeated = 0
@@ -197,25 +215,31 @@ def test_sigkill_then_resume_trains_every_utterance_once_and_the_same_weights(da
         seen = Counter(r["key"] for r in ledger if r["epoch"] == epoch)
         lost += sum((keys - seen).values())
         repeated += sum((seen - keys).values())
+    mine = torch.load(out / "checkpoint.pt", weights_only=True)
+    theirs = torch.load(ref["out"] / "checkpoint.pt", weights_only=True)
+    kept = sorted(p.name for p in ref["out"].glob("model.*.pt"))
+    differences = {"final/model.pt": _difference(torch.load(ref["out"] / "final" / "model.pt", weights_only=True),
+                                                 torch.load(out / "final" / "model.pt", weights_only=True)),
+                   "checkpoint.pt": _difference(theirs["model"], mine["model"])}
+    for name in kept:
+        differences[name] = (_difference(torch.load(ref["out"] / name, weights_only=True),
+                                         torch.load(out / name, weights_only=True))
+                             if (out / name).exists() else float("inf"))
+    STATS.append({"case": f"{mode}/{group}", "faults": injected, "lost": lost, "repeated": repeated,
+                  "tracebacks": {"killed runs": killed_tracebacks, "resume": resume_tracebacks},
+                  "the other rank exited": dict(others), "weight differences": differences})
+    print(json.dumps(STATS[-1]))
+
+    # (1) every utterance exactly once per epoch, trained; the same ledger as the uninterrupted run
     assert {r["status"] for r in ledger} == {"trained"}
     assert lost == repeated == 0, f"{lost} utterance-epochs lost, {repeated} repeated; faults: {injected}"
     assert ledger == _ledger(ref["out"])
     # (2) the weights of the uninterrupted run: exported, kept by validation, and the last checkpoint's
-    worst = _weights_equal(torch.load(ref["out"] / "final" / "model.pt", weights_only=True),
-                           torch.load(out / "final" / "model.pt", weights_only=True), "final/model.pt")
-    mine = torch.load(out / "checkpoint.pt", weights_only=True)
-    theirs = torch.load(ref["out"] / "checkpoint.pt", weights_only=True)
-    _weights_equal(theirs["model"], mine["model"], "checkpoint.pt")
+    # (within 1e-6, as the other resume tests; on this CPU they are bit-identical)
     assert (mine["epoch"], mine["step"]) == (theirs["epoch"], theirs["step"])
-    kept = sorted(p.name for p in ref["out"].glob("model.*.pt"))
     assert sorted(p.name for p in out.glob("model.*.pt")) == kept
-    for name in kept:
-        _weights_equal(torch.load(ref["out"] / name, weights_only=True), torch.load(out / name, weights_only=True),
-                       name)
-    STATS.append({"case": f"{mode}/{group}", "faults": injected, "lost": lost, "repeated": repeated, "tracebacks (killed runs)": killed_tracebacks,
-                  "tracebacks (resumes)": resume_tracebacks, "other rank's end": dict(survivors),
-                  "max weight difference": worst})
-    print(json.dumps(STATS[-1]))
-    # (3) nothing left of an interrupted save: temp files are removed at the next start
+    assert max(differences.values()) <= 1e-6, f"weights differ from the uninterrupted run's: {differences}"
+    # (3) a clean resume: no traceback, nothing left of an interrupted save (removed at the next start)
+    assert "Traceback" not in err, err[-4000:]
     leftovers = sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp"))
     assert not leftovers, f"temp files of interrupted saves left in the run folder: {leftovers}"
