@@ -243,3 +243,40 @@ def test_sigkill_then_resume_trains_every_utterance_once_and_the_same_weights(da
     assert "Traceback" not in err, err[-4000:]
     leftovers = sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp"))
     assert not leftovers, f"temp files of interrupted saves left in the run folder: {leftovers}"
+
+
+@pytest.mark.slow
+def test_sigkill_before_the_first_checkpoint_then_resume_refuses_and_overwrite_starts_over(data, references,
+                                                                                          tmp_path):
+    """Killed before any checkpoint (in a step, then in the first checkpoint's save): `--resume` has nothing
+    to resume and says so, a fresh run into the folder refuses without `--overwrite`, and `--overwrite`
+    trains the run as if nothing had happened; the torn save's temp file is removed."""
+    ref = references("single")
+    calls = ref["calls"]
+    first = next(i for i, c in enumerate(calls) if c["site"] == "save" and c["file"].endswith("/checkpoint.pt"))
+    rng = random.Random(f"{SEED}:before-first-checkpoint")
+    at, site = rng.choice([(i, s) for i in range(first) for s in GROUPS["step"] if calls[i]["site"] == BASE[s]])
+    n = sum(c["site"] == BASE[site] for c in calls[:at + 1])
+    out, faults = tmp_path / "run", tmp_path / "faults.log"
+    cmd = _command(data, "single", out)
+    tracebacks = 0
+    for fresh, fault in ((cmd, f"{site}:{n}"), (cmd + ["--overwrite"], "save:1")):
+        code, err = _run(fresh, data, PARATUNE_FAULT=fault, PARATUNE_FAULT_LOG=str(faults))
+        assert code != 0 and faults.read_text().splitlines()[-1] == f"{fault.replace(':', ' ')} rank 0", err[-3000:]
+        tracebacks += _tracebacks(err)
+        assert not (out / "checkpoint.pt").exists()
+        assert fault != "save:1" or list(out.glob(".checkpoint.pt.*.tmp"))  # the torn first save
+        ledger = (out / "ledger.jsonl").read_bytes() if (out / "ledger.jsonl").exists() else None
+        code, err = _run(cmd + ["--resume"], data)
+        assert code != 0 and "nothing to resume" in err and "Traceback" not in err, err[-3000:]
+        code, err = _run(cmd, data)
+        assert code != 0 and "--overwrite" in err and "Traceback" not in err, err[-3000:]
+        assert ((out / "ledger.jsonl").read_bytes() if (out / "ledger.jsonl").exists() else None) == ledger
+    code, err = _run(cmd + ["--overwrite"], data)
+    assert code == 0 and "Traceback" not in err, err[-4000:]
+    print(json.dumps({"case": "single/before the first checkpoint", "faults": [f"{site}:{n}", "save:1"],
+                      "tracebacks (killed runs)": tracebacks}))
+    assert _ledger(out) == _ledger(ref["out"])
+    assert _difference(torch.load(ref["out"] / "final" / "model.pt", weights_only=True),
+                       torch.load(out / "final" / "model.pt", weights_only=True)) <= 1e-6
+    assert not list(out.rglob("*.tmp"))
