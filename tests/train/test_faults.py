@@ -12,8 +12,9 @@ and injected in the run's order. After a kill the next process resumes from what
 killed one left; its N counts that process's calls from the checkpoint it resumes from. Each case prints
 what it injected and found (pytest -s).
 
-Every subprocess has a deadline and runs in its own session, killed whole on a timeout: a rank blocked on
-a collective with a dead peer fails the test instead of hanging it. (torchrun's agent notices the
+Every subprocess has a deadline; on a timeout it is killed with every process it started (torchrun puts
+each worker in a session of its own): a rank blocked on a collective with a dead peer fails the test
+instead of hanging it. (torchrun's agent notices the
 SIGKILLed worker at once, sends SIGTERM to the other, and exits 1.)
 """
 from __future__ import annotations
@@ -73,6 +74,22 @@ def _command(data, mode: str, out: Path) -> list[str]:
             str(data["train"]), "--valid", str(data["valid"]), "--output", str(out), *SETTINGS]
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes started by pid, and by them, ... (from /proc: Linux)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def _run(cmd: list[str], data, **env) -> tuple[int, str]:
     """(exit status, stderr) of cmd with a deadline; on a timeout every process it started is killed."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("PARATUNE_FAULT")}
@@ -82,15 +99,14 @@ def _run(cmd: list[str], data, **env) -> tuple[int, str]:
                             start_new_session=True)
     try:
         _, err = proc.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
+    except subprocess.TimeoutExpired:  # not reaped yet: its pid and its children are still this run's
+        for pid in [*_descendants(proc.pid), proc.pid]:  # torchrun starts each worker in a session of its own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, err = proc.communicate(timeout=60)
         pytest.fail(f"hung: no exit within {DEADLINE_S} s: {' '.join(cmd[-12:])}\n{err[-3000:]}")
-    finally:
-        try:  # a worker torchrun left behind would hold the next run's files
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return proc.returncode, err
 
 
