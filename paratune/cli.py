@@ -105,19 +105,16 @@ def _read_plan_inputs(args):
 
     budget = parse_bytes(args.budget)
     spec = read_model_dir(args.model)
-    config = apply_flags(load_config(spec.config, args.config, _overrides(args, ("data",))), vars(args))
+    config = apply_flags(load_config(spec.config, args.config, _overrides(args)), vars(args))
     fe = spec.frontend
     lengths, errors = read_lengths(args.data, spec.tokenizer, fe.lfr_n, fe.frame_shift, fe.frame_length)
     return budget, spec, config, lengths, errors
 
 
-def _overrides(args, path_args) -> list[str]:
-    """The `++a.b=c` overrides, also where argparse took one for a path (`--data x.jsonl ++a.b=c`)."""
+def _overrides(args) -> list[str]:
+    """The `++a.b=c` overrides (`main` gathers them from anywhere on the line); anything else left over
+    is an error."""
     from paratune.train.config import ConfigError
-    for name in path_args:
-        paths = getattr(args, name) or []
-        args.overrides += [str(p) for p in paths if str(p).startswith("++")]
-        setattr(args, name, [p for p in paths if not str(p).startswith("++")] or None)
     bad = [o for o in args.overrides if not o.startswith("++")]
     if bad:
         raise ConfigError(f"unrecognized argument(s) {' '.join(bad)} (overrides look like ++train_conf.max_epoch=1)")
@@ -287,7 +284,7 @@ def _finetune(args) -> int:
         bad_device = _device_error(args.device)
         if bad_device:
             raise ConfigError(bad_device)
-        overrides = _overrides(args, ("train", "valid"))
+        overrides = _overrides(args)
         options = FinetuneOptions(
             model=args.model, train=args.train, output=args.output, valid=args.valid,
             budget=parse_bytes(args.budget) if args.budget else None, config=args.config, overrides=overrides,
@@ -301,6 +298,13 @@ def _finetune(args) -> int:
     except (ConfigError, ModelDirError, PlanError, PrepareError, DistributedError, ValueError, CheckpointError,
             LedgerError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except RuntimeError as e:  # a collective whose peer died (gloo and NCCL say so in a RuntimeError)
+        import torch.distributed as dist
+        if not (isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection"))):
+            raise
+        print(f"error: lost another rank ({str(e).splitlines()[0][:200]}); the last checkpoint is intact: "
+              "restart with --resume", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -365,7 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     from paratune.parser import build_parser
     from paratune.train.distributed import set_alloc_conf
     set_alloc_conf()  # every command, before any of them touches CUDA
-    args = build_parser(COMMANDS, __doc__).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # FunASR users put ++overrides anywhere on the line; argparse would take them only at the end
+    overrides = [a for a in argv if a.startswith("++")]
+    parser = build_parser(COMMANDS, __doc__)
+    args = parser.parse_args([a for a in argv if not a.startswith("++")])
+    if overrides and not hasattr(args, "overrides"):
+        parser.error(f"{args.command} takes no ++overrides: {' '.join(overrides)}")
+    if overrides:
+        args.overrides = overrides + list(args.overrides)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # before finetune's own handler is installed, or in another command

@@ -101,3 +101,17 @@ def test_interrupts_and_os_errors_are_a_line_not_a_traceback(monkeypatch, capsys
     monkeypatch.setitem(cli.COMMANDS, "doctor", fails)
     assert cli.main(["doctor", str(tmp_path / "log.txt")]) == code
     assert said in capsys.readouterr().err
+
+
+def test_overrides_may_stand_anywhere_on_the_line(tmp_path, capsys):
+    """`--device cpu ++a.b=c --budget 1GiB`: a FunASR user's habit; argparse alone refused the override."""
+    code = main(["plan", "--model", str(MODEL), "++train_conf.max_epoch=abc", "--data", str(tmp_path / "none.jsonl"),
+                 "--budget", "1GiB", "++train_conf.seed=1"])
+    assert code == 2
+    assert "train_conf.max_epoch" in capsys.readouterr().err  # the override was read (and checked), not refused
+
+
+def test_a_command_without_overrides_refuses_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["transcribe", "--model", str(MODEL), "++train_conf.seed=1", str(DEMO_WAV)])
+    assert "takes no ++overrides" in capsys.readouterr().err

@@ -201,8 +201,11 @@ class Finetune:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
-        checkpoint.set_rng_state(state["rng"])
-        self.gen.set_state(state["specaug_rng"])
+        rng, specaug = state["rng"], state["specaug_rng"]
+        if isinstance(rng, list):  # one per rank (a checkpoint before this had only rank 0's)
+            rng, specaug = rng[self.world.rank], specaug[self.world.rank]
+        checkpoint.set_rng_state(rng)
+        self.gen.set_state(specaug)
         self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
         self.position, self.saved = state["sampler"]["position"], self.step
         self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}, batch {self.position} of the epoch")
@@ -325,6 +328,8 @@ class Finetune:
 
     def save_state(self) -> None:
         model_state, optim_state = checkpoint.full_state(self.model, self.optimizer, self.opts.fsdp)
+        # every rank's random state (dropout, the glancing sampler, SpecAugment differ by rank), by rank
+        rngs = distributed.gather_objects((checkpoint.rng_state(), self.gen.get_state()))
         if not self.lead:
             self.saved = self.step
             return
@@ -332,7 +337,7 @@ class Finetune:
             "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "position": self.position},
-            "rng": checkpoint.rng_state(), "specaug_rng": self.gen.get_state(), "step": self.step,
+            "rng": [r for r, _ in rngs], "specaug_rng": [g for _, g in rngs], "step": self.step,
             "epoch": self.epoch, "best": self.best, "valid": [str(p) for p in self.opts.valid or []]}
         with run_folder.writing(path, self.saved):
             checkpoint.save(path, state)
