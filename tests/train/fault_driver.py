@@ -136,7 +136,10 @@ def _patch(wrap) -> None:
     import paratune.train.validation as validation
     step.backward_batch = wrap(step.backward_batch, "backward")
     step.optimizer_step = wrap(step.optimizer_step, "optimizer")
-    torch.save = wrap(torch.save, "save")
+    save = torch.save
+    wrapped = wrap(save, "save")
+    # pickling a tensor (all_gather_object's random states) torch.saves it into a BytesIO: not a save site
+    torch.save = lambda obj, f, *a, **k: (save if isinstance(f, io.BytesIO) else wrapped)(obj, f, *a, **k)
     validation.model_inputs = wrap(validation.model_inputs, "valid-forward")  # before each batch's forward
     validation.error_rate = wrap(validation.error_rate, "valid-decode")  # once the whole set is decoded
 
