@@ -282,16 +282,8 @@ class Finetune:
         self.unreadable = []
         if result.quarantined:
             self.log(f"step {self.step}: quarantined {', '.join(result.quarantined)} (out of memory even alone)")
-        rank_of = (lambda r: r) if self.world.size > 1 else (lambda r: None)
         if self.lead:
-            for r, (trained, quarantined, unreadable) in enumerate(parts):
-                self.ledger.write(self.epoch, self.step, trained, "trained", rank=rank_of(r))
-                if quarantined:
-                    self.ledger.write(self.epoch, self.step, quarantined, "quarantined", "out of memory even alone",
-                                      rank=rank_of(r))
-                for key, reason in unreadable:
-                    self.ledger.write(self.epoch, self.step, [key], "excluded", reason, rank=rank_of(r))
-            self.ledger.flush()
+            self.ledger.write_step(self.epoch, self.step, parts, ranked=self.world.size > 1)
         if self.progress is None:
             return
         self.progress.add(sum(int(m.batch["text_lengths"].sum()) for m in group))

@@ -33,6 +33,16 @@ class Ledger:
                 row["reason"] = reason
             self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
+    def write_step(self, epoch: int, step: int, parts: list, ranked: bool) -> None:
+        """One step's (trained, quarantined, [(key, reason) left out at load time]) of each rank, flushed."""
+        for r, (trained, quarantined, unreadable) in enumerate(parts):
+            rank = r if ranked else None
+            self.write(epoch, step, trained, "trained", rank=rank)
+            self.write(epoch, step, quarantined, "quarantined", "out of memory even alone", rank=rank)
+            for key, reason in unreadable:
+                self.write(epoch, step, [key], "excluded", reason, rank=rank)
+        self.flush()
+
     def flush(self) -> None:
         self._f.flush()
         os.fsync(self._f.fileno())
