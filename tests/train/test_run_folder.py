@@ -205,10 +205,13 @@ def test_a_second_ctrl_c_stops_at_once(data, tmp_path, capsys, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_on_the_terminal_saves_and_workers_print_no_traceback(data, reference, tmp_path):
-    """The terminal sends SIGINT to the whole process group, DataLoader workers included."""
-    out = tmp_path / "exp"
+def test_ctrl_c_on_the_terminal_saves_and_workers_print_no_traceback(data, tmp_path):
+    """The terminal sends SIGINT to the whole process group, DataLoader workers included. The reference is
+    a process of its own too (this one's threads and global state are the test suite's)."""
+    out, reference = tmp_path / "exp", tmp_path / "reference"
     env = {**os.environ, "PARATUNE_CACHE": str(data["cache"])}
+    assert subprocess.run([sys.executable, "-m", "paratune", *args(data, reference, workers=1)], env=env, cwd=ROOT,
+                          capture_output=True).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "paratune", *args(data, out, workers=1)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
