@@ -115,3 +115,28 @@ def test_a_command_without_overrides_refuses_one(capsys):
     with pytest.raises(SystemExit):
         main(["transcribe", "--model", str(MODEL), "++train_conf.seed=1", str(DEMO_WAV)])
     assert "takes no ++overrides" in capsys.readouterr().err
+
+
+def test_a_dead_peer_under_torchrun_is_one_line(monkeypatch, capsys, tmp_path):
+    """What gloo raises on the surviving rank when another is killed (seen in the fault matrix)."""
+    import paratune.train.finetune as finetune
+
+    def peer_died(options):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[127.0.0.1]:26026. This is typically caused by a remote worker crashing.")
+    monkeypatch.setattr(finetune, "finetune", peer_died)
+    code = main(["finetune", "--model", str(MODEL), "--train", str(tmp_path / "t.jsonl"), "--output",
+                 str(tmp_path / "exp")])
+    err = capsys.readouterr().err
+    assert code == 2 and "lost another rank" in err and "--resume" in err
+
+
+def test_other_runtime_errors_are_not_dressed_up(monkeypatch, tmp_path):
+    import paratune.train.finetune as finetune
+
+    def bug(options):
+        raise RuntimeError("a bug in paratune")
+    monkeypatch.setattr(finetune, "finetune", bug)
+    with pytest.raises(RuntimeError, match="a bug in paratune"):
+        main(["finetune", "--model", str(MODEL), "--train", str(tmp_path / "t.jsonl"), "--output",
+              str(tmp_path / "exp")])

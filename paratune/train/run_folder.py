@@ -40,6 +40,8 @@ class Interrupted(Exception):
 
 
 def check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out}: is a file, not a folder: give --output a folder (new or a run's)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out, prefix=".paratune-probe."):

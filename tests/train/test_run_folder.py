@@ -329,3 +329,11 @@ def test_a_truncated_or_foreign_checkpoint_is_named(data, tmp_path, capsys, no_l
     assert finetune(data, out, "--resume") == 2
     err = capsys.readouterr().err
     assert f"error: {path}: not a " in err and "Traceback" not in err
+
+
+def test_an_output_that_is_a_file_is_refused_first(data, tmp_path, capsys, no_loading):
+    out = tmp_path / "exp"
+    out.write_text("my notes")
+    assert finetune(data, out) == 2
+    assert f"error: {out}: is a file, not a folder" in capsys.readouterr().err
+    assert out.read_text() == "my notes"
