@@ -23,16 +23,21 @@ class SplitError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def _vad_model():
-    """silero-vad, loaded once per process (it is read-only after loading)."""
-    from silero_vad import load_silero_vad
-    return load_silero_vad()
+    """silero-vad, loaded once per process (it is read-only after loading). Importing silero_vad calls
+    torch.set_num_threads(1) for the whole process: the caller's thread count is put back."""
+    threads = torch.get_num_threads()
+    try:
+        import silero_vad
+        return silero_vad.load_silero_vad(), silero_vad.get_speech_timestamps
+    finally:
+        torch.set_num_threads(threads)
 
 
 def speech_segments(wave: np.ndarray, min_silence_s: float = 0.1) -> list[tuple[float, float]]:
     """(start, end) seconds of speech in a 16 kHz waveform."""
-    from silero_vad import get_speech_timestamps
+    model, get_speech_timestamps = _vad_model()
     with torch.no_grad():
-        stamps = get_speech_timestamps(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), _vad_model(),
+        stamps = get_speech_timestamps(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), model,
                                        sampling_rate=VAD_RATE, min_silence_duration_ms=int(min_silence_s * 1000),
                                        speech_pad_ms=30)
     return [(s["start"] / VAD_RATE, s["end"] / VAD_RATE) for s in stamps]

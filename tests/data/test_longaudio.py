@@ -88,3 +88,14 @@ def test_segments_do_not_split_a_word(large_dir):
     tok = CharTokenizer(["<unk>", "a@@", "b", "c"], seg_dict={"ab": ["a@@", "b"], "c": ["c"]})
     assert token_spans(tok, "ab c") == [(0, 2), (0, 2), (3, 4)]
     assert np.array(token_spans(CharTokenizer(["<unk>", "你", "好"]), "你 好")).tolist() == [[0, 1], [2, 3]]
+
+
+def test_the_vad_leaves_torchs_thread_count_alone():
+    """silero_vad's import sets torch.set_num_threads(1) for the whole process: everything decoded or
+    trained after a split ran on one thread (and an in-process run differed from a fresh process's)."""
+    import subprocess
+    import sys
+    code = ("import numpy as np, torch; torch.set_num_threads(3); from paratune.data.longaudio import speech_segments;"
+            " speech_segments(np.zeros(16000, dtype=np.float32)); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "3"
