@@ -55,7 +55,7 @@ def _transcribe(args) -> int:
         print(f"error: {e}", file=sys.stderr)
 
     # Decode in windows: sorted by duration inside a window (little padding), printed in input order.
-    window = max(1, args.batch_size) * 16
+    window = args.batch_size * 16
     decoded = 0
     for start in range(0, len(utterances), window):
         chunk = utterances[start : start + window]
@@ -66,7 +66,7 @@ def _transcribe(args) -> int:
                 durations[u.key] = frames / sr
             except AudioError as e:
                 errors.append(e)
-                print(f"error: {_where(u, e)}", file=sys.stderr)
+                _report(u, e)
         ready = sorted((u for u in chunk if u.key in durations), key=lambda u: durations[u.key])
         long = [u for u in ready if durations[u.key] > args.max_duration]
         texts = decode_long(asr, long, args.max_duration, args.batch_size, errors, _report, _log)
@@ -80,7 +80,7 @@ def _transcribe(args) -> int:
                     batch.append(u)
                 except (AudioError, ValueError) as e:  # ValueError: too short for one frame
                     errors.append(e)
-                    print(f"error: {_where(u, e)}", file=sys.stderr)
+                    _report(u, e)
             if batch:
                 texts.update(zip((u.key for u in batch), asr.decode_features(feats)))
         for u in chunk:

@@ -3,7 +3,7 @@
 3-hour clip took 240 s and 3.4 GB before printing anything."""
 from __future__ import annotations
 
-from paratune.data.audio import AudioError, load_audio
+from paratune.data.audio import AudioError, load_audio, resample
 from paratune.data.longaudio import VAD_RATE, SplitError, split
 
 
@@ -31,9 +31,7 @@ def decode_long(asr, utterances, max_duration: float, batch_size: int, errors: l
             f"cut {how}")
         pieces = [wave[int(a * VAD_RATE):int(b * VAD_RATE)] for a, b in bounds]
         pieces = [p for p in pieces if len(p) >= VAD_RATE // 10]  # under 0.1 s: no frame worth decoding
-        if asr.frontend.fs != VAD_RATE:
-            import soxr
-            pieces = [soxr.resample(p, VAD_RATE, asr.frontend.fs) for p in pieces]
+        pieces = [resample(p, VAD_RATE, asr.frontend.fs) for p in pieces]  # as load_audio would have
         asr.frontend.eval()
         out = []
         for b in range(0, len(pieces), batch_size):

@@ -30,6 +30,17 @@ class NonFiniteAudioError(AudioError):
     """A (float) audio file holding NaN or infinite samples: its features, and any loss on it, are NaN."""
 
 
+def audio_error_kind(e: AudioError) -> str:
+    """The kind of problem, in prepare's report's names (also the manifest readers' InputError kinds)."""
+    if isinstance(e, NonFiniteAudioError):
+        return "non_finite_audio"
+    if "not found" in e.reason:
+        return "missing_audio"
+    if "empty file" in e.reason or "no audio samples" in e.reason:
+        return "empty_audio"
+    return "corrupt_audio"
+
+
 def _first_non_finite(block: np.ndarray) -> int | None:
     bad = ~np.isfinite(block)
     return None if not bad.any() else int(np.flatnonzero(bad.any(axis=-1) if bad.ndim == 2 else bad)[0])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paratune.data.audio import AudioError, audio_info
+from paratune.data.audio import AudioError, audio_error_kind, audio_info
 from paratune.data.manifest import InputError, Lengths, Record, read_manifests
 from paratune.data.tokenizer import CharTokenizer
 
@@ -58,7 +58,7 @@ def _measure(records: list[Record], errors: list[InputError], frame_shift_ms: fl
         try:
             sr, n, _ = audio_info(r.audio)
         except AudioError as e:
-            return -1, r.error(str(e), "missing_audio" if "not found" in e.reason else "corrupt_audio")
+            return -1, r.error(str(e), audio_error_kind(e))
         return int(n / sr * 1000 / frame_shift_ms), None
     with ThreadPoolExecutor(workers) as pool:  # headers are small reads: threads hide the latency
         measured = list(pool.map(measure, records))

@@ -59,9 +59,7 @@ class FeatureDataset(Dataset):
 
     def _features(self, i: int, row: dict) -> torch.Tensor:
         self.frontend.train(self.train)  # dither only in training
-        wave = load_audio(row["source"], self.frontend.fs)
-        if not np.isfinite(wave).all():
-            raise AudioError(row["source"], "audio has NaN or infinite samples")
+        wave = load_audio(row["source"], self.frontend.fs)  # NonFiniteAudioError for NaN/inf samples
         # seeded per utterance, not by worker: the same features whichever worker reads it, after a resume too
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paratune.data.audio import AudioError, NonFiniteAudioError, load_audio, scan_audio
+from paratune.data.audio import AudioError, audio_error_kind, load_audio, scan_audio
 from paratune.data.lengths import lfr_frames, unknown_tokens
 from paratune.data.manifest import read_manifests
 from paratune.data.names import FileNameError, FileNames
@@ -78,17 +78,6 @@ def read_corpus(inputs, transcripts: Path | None, report: Report) -> list[Item]:
 
 # -- checks ------------------------------------------------------------------------------------------
 
-def _audio_kind(e: AudioError) -> str:
-    reason = e.reason
-    if isinstance(e, NonFiniteAudioError):
-        return "non_finite_audio"
-    if "not found" in reason:
-        return "missing_audio"
-    if "empty file" in reason or "no audio samples" in reason:
-        return "empty_audio"
-    return "corrupt_audio"
-
-
 def robust_z(x: np.ndarray) -> np.ndarray:
     med = np.median(x)
     mad = np.median(np.abs(x - med))
@@ -111,7 +100,7 @@ def check(items: list[Item], tokenizer: CharTokenizer, report: Report, min_secon
     good = []
     for it, (sr, n, err) in zip(items, scanned):
         if err is not None:
-            report.exclude(it.key, it.origin, _audio_kind(err), f"audio {it.source}: {err.reason}")
+            report.exclude(it.key, it.origin, audio_error_kind(err), f"audio {it.source}: {err.reason}")
             continue
         it.sample_rate, it.seconds = sr, n / sr
         if it.seconds < min_seconds:
