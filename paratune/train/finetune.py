@@ -310,8 +310,7 @@ class Finetune:
                  f"WER {100 * result['wer']:.2f} % on {result['utterances']} utterances"
                  + (f" ({len(result['excluded'])} unreadable, left out)" if result["excluded"] else ""))
         path = self.out / f"model.{tag}.pt"
-        with run_folder.writing(path, self.saved):
-            checkpoint.save(path, weights)
+        run_folder.save(path, weights, self.saved)
         keep = int(self.tc["keep_nbest_models"])
         # names, not paths: the folder can move; the dropped files go once a checkpoint no longer lists them
         best = sorted(self.best + [[result["cer"], path.name]], key=lambda x: x[0])
@@ -331,8 +330,7 @@ class Finetune:
             "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "position": self.position},
             "rng": [r for r, _ in rngs], "specaug_rng": [g for _, g in rngs], "step": self.step,
             "epoch": self.epoch, "best": self.best, "valid": [str(p) for p in self.opts.valid or []]}
-        with run_folder.writing(path, self.saved):
-            checkpoint.save(path, state)
+        run_folder.save(path, state, self.saved)
         self.saved = self.step
         for name in self.dropped:
             run_folder.remove_kept(self.out, name, self.log)

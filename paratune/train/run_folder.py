@@ -10,7 +10,6 @@ it says when the disk fails, and how SIGINT and SIGTERM stop it at a step bounda
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
@@ -121,13 +120,12 @@ def remove_kept(out: Path, name: str, log) -> None:
     path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def writing(path: Path, saved: int | None):
-    """A full disk or a folder made read-only while the run goes on: said, with what is kept (the last
-    checkpoint, at step `saved`: atomic writes leave it whole)."""
+def save(path: Path, obj, saved: int | None) -> None:
+    """`checkpoint.save`, where a full disk or a folder made read-only while the run goes on is said, with
+    what is kept (the last checkpoint, at step `saved`: atomic writes leave it whole)."""
     kept = f"the previous checkpoint (step {saved}) is intact" if saved is not None else "no checkpoint was saved yet"
     try:
-        yield
+        checkpoint.save(path, obj)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise RunFolderError(f"{path}: no space left on device; {kept}") from None
