@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from paratune.memory.trace import PRECISIONS, cuda_kernels, fake_batch
-from paratune.model.paraformer import build_paraformer
+from paratune.model.build import build_paraformer
 from paratune.modeldir import read_model_dir
 from paratune.train.step import autocast_context
 

@@ -20,7 +20,8 @@ from paratune.data.frontend import FrontendConfigError, WavFrontend
 from paratune.data.text import sentence_postprocess
 from paratune.data.tokenizer import CharTokenizer, TokenizerError
 from paratune.io import atomic_torch_save, atomic_write_text
-from paratune.model.paraformer import ConfigError, Paraformer, build_paraformer
+from paratune.model.build import ConfigError, build_paraformer
+from paratune.model.paraformer import Paraformer
 
 
 class ModelDirError(ValueError):

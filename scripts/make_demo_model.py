@@ -49,7 +49,7 @@ from paratune import ASRModel, load_model, save_model  # noqa: E402
 from paratune.data.audio import load_audio, resample  # noqa: E402
 from paratune.data.frontend import WavFrontend  # noqa: E402
 from paratune.data.tokenizer import CharTokenizer  # noqa: E402
-from paratune.model.paraformer import build_paraformer, paraformer_config  # noqa: E402
+from paratune.model.build import build_paraformer, paraformer_config  # noqa: E402
 from paratune.data.specaug import spec_augment  # noqa: E402
 from paratune.train.metrics import edit_distance  # noqa: E402
 from paratune.train.step import make_optimizer, train_step  # noqa: E402

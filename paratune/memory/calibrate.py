@@ -95,7 +95,7 @@ def ddp_rank_peaks(rank: int, world: int, config: dict, vocab: int, input_size: 
 
     import torch.distributed as dist
 
-    from paratune.model.paraformer import build_paraformer
+    from paratune.model.build import build_paraformer
     from paratune.train.step import Micro
 
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from paratune.memory.tracker import FIRST, TAIL, PeakMemory, storage_bytes
-from paratune.model.paraformer import build_paraformer
+from paratune.model.build import build_paraformer
 from paratune.train.distributed import Local
 from paratune.train.step import PRECISIONS, Micro, StepOptions, prepare_model, train_step
 

@@ -132,3 +132,68 @@ class CifPredictorV2(nn.Module):
         alphas = torch.cat([alphas, zeros], 1) + end * self.tail_threshold
         hidden = torch.cat([hidden, hidden.new_zeros(b, 1, d)], 1)
         return hidden, alphas, torch.floor(alphas.sum(-1))
+
+
+class CifPredictorV3(CifPredictorV2):
+    """CifPredictorV2 plus a second, upsampled CIF head that predicts token timestamps (BiCifParaformer).
+
+    Shi et al., "Achieving Timestamp Prediction While Recognizing with Non-Autoregressive End-to-End ASR
+    Model", arXiv:2301.12343. The encoder output is upsampled `upsample_times` (a transposed convolution,
+    then a BLSTM for `cnn_blstm`) and a second weight per upsampled frame is predicted; trained only on the
+    token count (loss_pre2), its firing points mark where tokens start.
+    """
+
+    def __init__(self, idim: int, l_order: int, r_order: int, threshold: float = 1.0, smooth_factor: float = 1.0,
+                 noise_threshold: float = 0.0, tail_threshold: float = 0.0, smooth_factor2: float = 1.0,
+                 noise_threshold2: float = 0.0, upsample_times: int = 5, upsample_type: str = "cnn",
+                 use_cif1_cnn: bool = True, batch_invariant: bool = True):
+        super().__init__(idim, l_order, r_order, threshold, smooth_factor, noise_threshold, tail_threshold,
+                         batch_invariant)
+        if upsample_type not in ("cnn", "cnn_blstm"):
+            raise ValueError(f"upsample_type {upsample_type!r} is not supported (supported: cnn, cnn_blstm)")
+        self.upsample_times, self.upsample_type, self.use_cif1_cnn = upsample_times, upsample_type, use_cif1_cnn
+        self.upsample_cnn = nn.ConvTranspose1d(idim, idim, upsample_times, upsample_times)
+        if upsample_type == "cnn_blstm":
+            self.blstm = nn.LSTM(idim, idim, 1, bias=True, batch_first=True, bidirectional=True)
+        self.cif_output2 = nn.Linear(idim * (2 if upsample_type == "cnn_blstm" else 1), 1)
+        self.smooth_factor2, self.noise_threshold2 = smooth_factor2, noise_threshold2
+
+    def upsampled_alphas(self, hidden: torch.Tensor, mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """Weights (B, T * upsample_times) of the upsampled frames, zero on padding. `packed`: the BLSTM
+        reads each utterance's own frames only (its result does not depend on the batch's padding, as
+        FunASR at batch size 1); otherwise it runs over the padded batch, as FunASR trains."""
+        x = hidden.transpose(1, 2)
+        if self.use_cif1_cnn:
+            x = torch.relu(self.cif_conv1d(F.pad(x, self.padding)))
+        up = self.upsample_cnn(x).transpose(1, 2)  # (B, T * times, D)
+        mask2 = mask.repeat_interleave(self.upsample_times, dim=1)
+        if self.upsample_type == "cnn_blstm":
+            if packed:
+                lengths = (mask2.sum(1).long().cpu()).clamp(min=1)
+                seq = nn.utils.rnn.pack_padded_sequence(up, lengths, batch_first=True, enforce_sorted=False)
+                up = nn.utils.rnn.pad_packed_sequence(self.blstm(seq)[0], batch_first=True,
+                                                      total_length=up.size(1))[0]
+            else:
+                up = self.blstm(up)[0]
+        alphas2 = torch.sigmoid(self.cif_output2(up)).squeeze(-1)
+        return torch.relu(alphas2 * self.smooth_factor2 - self.noise_threshold2) * mask2
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, target_lengths: torch.Tensor | None = None,
+                max_tokens: int | None = None):
+        """As CifPredictorV2, plus the upsampled head's token count (B,): (embeds, token_num, alphas,
+        fires, token_num2)."""
+        embeds, token_num, alphas, fires = super().forward(hidden, mask, target_lengths, max_tokens)
+        with torch.autocast(hidden.device.type, enabled=False):
+            mask = mask.float()
+            hidden = hidden.float() * (mask[:, :, None] if self.batch_invariant else 1.0)
+            token_num2 = self.upsampled_alphas(hidden, mask).sum(-1)
+        return embeds, token_num, alphas, fires, token_num2
+
+    def timestamp_alphas(self, hidden: torch.Tensor, mask: torch.Tensor, token_num: torch.Tensor) -> torch.Tensor:
+        """The upsampled weights scaled to sum to each utterance's decoded token count: where they fire
+        is where tokens start (FunASR's `get_upsample_timestamp`)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            mask = mask.float()
+            hidden = hidden.float() * (mask[:, :, None] if self.batch_invariant else 1.0)
+            alphas2 = self.upsampled_alphas(hidden, mask, packed=self.batch_invariant)
+            return alphas2 * (token_num.to(alphas2.dtype) / alphas2.sum(-1))[:, None]

@@ -5,6 +5,8 @@ predictor (not token ids): `embed` is used only by the glancing sampler.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,12 +42,24 @@ class SourceAttention(nn.Module):
         self.linear_out = nn.Linear(n_feat, n_feat)
         self.dropout_rate = dropout_rate
 
-    def forward(self, x, memory, memory_key_mask):
+    def _heads(self, x, memory):
         b = x.size(0)
         q = self.linear_q(x).reshape(b, -1, self.h, self.d_k).transpose(1, 2)
         k, v = self.linear_k_v(memory).split(self.h * self.d_k, dim=-1)
         k = k.reshape(b, -1, self.h, self.d_k).transpose(1, 2)
         v = v.reshape(b, -1, self.h, self.d_k).transpose(1, 2)
+        return q, k, v
+
+    def weights(self, x, memory, memory_key_mask):
+        """The attention weights (B, heads, U, T): what SeACo's hotword filter scores hotwords by."""
+        q, k, _ = self._heads(x, memory)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_k)
+        scores = scores.masked_fill(~memory_key_mask, float("-inf"))
+        return torch.softmax(scores, dim=-1).masked_fill(~memory_key_mask, 0.0)
+
+    def forward(self, x, memory, memory_key_mask):
+        b = x.size(0)
+        q, k, v = self._heads(x, memory)
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=memory_key_mask, dropout_p=self.dropout_rate if self.training else 0.0
         )
@@ -82,7 +96,7 @@ class DecoderLayerSANM(nn.Module):
         self.normalize_before = normalize_before
         self.checkpoint = False
 
-    def forward(self, tgt, tgt_mask, memory, memory_key_mask):
+    def _self_part(self, tgt, tgt_mask):
         # The feed-forward comes first; the last block (no attention at all) has no residual. As FunASR.
         residual = tgt
         if self.normalize_before:
@@ -93,6 +107,15 @@ class DecoderLayerSANM(nn.Module):
             if self.normalize_before:
                 tgt = self.norm2(tgt)
             x = residual + self.dropout(self.self_attn(tgt, tgt_mask))
+        return x
+
+    def source_weights(self, tgt, tgt_mask, memory, memory_key_mask):
+        """The source attention's weights in this block (FunASR's `get_attn_mat`)."""
+        x = self._self_part(tgt, tgt_mask)
+        return self.src_attn.weights(self.norm3(x) if self.normalize_before else x, memory, memory_key_mask)
+
+    def forward(self, tgt, tgt_mask, memory, memory_key_mask):
+        x = self._self_part(tgt, tgt_mask)
         if self.src_attn is not None:
             residual = x
             if self.normalize_before:
@@ -106,14 +129,15 @@ class ParaformerSANMDecoder(nn.Module):
                  linear_units: int = 2048, num_blocks: int = 6, dropout_rate: float = 0.1,
                  self_attention_dropout_rate: float = 0.0, src_attention_dropout_rate: float = 0.0,
                  att_layer_num: int = 6, kernel_size: int = 21, sanm_shfit: int | None = 0,
-                 normalize_before: bool = True):
+                 normalize_before: bool = True, wo_input_layer: bool = False, use_output_layer: bool = True):
         super().__init__()
         d = encoder_output_size
-        self.embed = nn.Sequential(nn.Embedding(vocab_size, d))
+        # SeACo's hotword decoder reads embeddings and returns hidden states: no embedding, no output layer
+        self.embed = None if wo_input_layer else nn.Sequential(nn.Embedding(vocab_size, d))
         self.normalize_before = normalize_before
         if normalize_before:
             self.after_norm = layer_norm(d)
-        self.output_layer = nn.Linear(d, vocab_size)
+        self.output_layer = nn.Linear(d, vocab_size) if use_output_layer else None
         if sanm_shfit is None:
             sanm_shfit = (kernel_size - 1) // 2
 
@@ -135,16 +159,30 @@ class ParaformerSANMDecoder(nn.Module):
     def blocks(self):
         return [*self.decoders, *(self.decoders2 or []), *self.decoders3]
 
-    def forward(self, memory: torch.Tensor, memory_lengths: torch.Tensor, embeds: torch.Tensor,
-                lengths: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
-        """memory (B, T, D) encoder output; embeds (B, U, D) acoustic embeddings -> logits (B, U, V)."""
+    @staticmethod
+    def _masks(memory, memory_lengths, embeds, lengths):
         tgt_mask = (torch.arange(embeds.size(1), device=embeds.device)[None, :] < lengths[:, None])
-        tgt_mask = tgt_mask[:, :, None].to(embeds.dtype)
         memory_key_mask = (torch.arange(memory.size(1), device=memory.device)[None, :]
                            < memory_lengths[:, None])[:, None, None, :]
+        return tgt_mask[:, :, None].to(embeds.dtype), memory_key_mask
+
+    def forward(self, memory: torch.Tensor, memory_lengths: torch.Tensor, embeds: torch.Tensor,
+                lengths: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        """memory (B, T, D) encoder output; embeds (B, U, D) acoustic embeddings -> logits (B, U, V), or
+        the hidden states (B, U, D) before the output layer."""
+        tgt_mask, memory_key_mask = self._masks(memory, memory_lengths, embeds, lengths)
         x = embeds
         for layer in self.blocks():
             x = run_layer(layer, x, tgt_mask, memory, memory_key_mask)
         if self.normalize_before:
             x = self.after_norm(x)
-        return x if return_hidden else self.output_layer(x)
+        return x if return_hidden or self.output_layer is None else self.output_layer(x)
+
+    def source_weights(self, memory, memory_lengths, embeds, lengths, block: int) -> torch.Tensor:
+        """Source attention weights (B, heads, U, T) of attention block `block`, after the blocks before it
+        (FunASR's `forward_asf6` is block 5)."""
+        tgt_mask, memory_key_mask = self._masks(memory, memory_lengths, embeds, lengths)
+        x = embeds
+        for layer in self.decoders[:block]:
+            x = layer(x, tgt_mask, memory, memory_key_mask)
+        return self.decoders[block].source_weights(x, tgt_mask, memory, memory_key_mask)

@@ -12,7 +12,7 @@ import torch
 from paratune.data.audio import load_audio
 from paratune.data.frontend import WavFrontend
 from paratune.data.tokenizer import CharTokenizer
-from paratune.model.paraformer import build_paraformer, paraformer_config
+from paratune.model.build import build_paraformer, paraformer_config
 from paratune.modeldir import ASRModel, save_model
 from paratune.train.step import make_optimizer, train_step
 

@@ -18,7 +18,7 @@ def _rank(rank: int, world_size: int, config: dict, tmp: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from paratune.memory.trace import fake_batch
-    from paratune.model.paraformer import build_paraformer
+    from paratune.model.build import build_paraformer
     from paratune.train.step import make_optimizer, train_step
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
@@ -58,7 +58,7 @@ def test_fsdp2_static_per_rank_matches_real_shards(large_dir, tmp_path, world_si
     config = small_config(load_config(large_dir))
     mp.spawn(_rank, args=(world_size, config, str(tmp_path)), nprocs=world_size)
     with torch.device("meta"):
-        from paratune.model.paraformer import build_paraformer
+        from paratune.model.build import build_paraformer
         predicted = sharded_static(build_paraformer(config, 100, 560), world_size)
     total = predicted["parameters"] + predicted["gradients"] + predicted["optimizer_state"]
     for rank in range(world_size):
@@ -74,7 +74,7 @@ def test_sharding_divides_the_static_memory(large_dir):
     tracer = StepTracer(config, 100, 560)
     model = fit(tracer, 100, 20)
     with torch.device("meta"):
-        from paratune.model.paraformer import build_paraformer
+        from paratune.model.build import build_paraformer
         net = build_paraformer(config, 100, 560)
     s2, s4 = shard_model(model, net, 2), shard_model(model, net, 4)
     assert s4.static_step < s2.static_step < model.static_step

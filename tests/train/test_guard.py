@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from paratune.model.paraformer import build_paraformer
+from paratune.model.build import build_paraformer
 from paratune.train.guard import InjectOOM
 from paratune.train.step import Micro, make_optimizer, take, train_step
 from tests.data.digits import digit_config
