@@ -91,7 +91,7 @@ def prepare_model(model: nn.Module, options: StepOptions, device=None, wrap=None
     """The model as a step with `options` runs it: frozen prefixes, LoRA adapters, checkpointing, on
     `device`, `wrap(model)` applied (rank 0's weights broadcast, FSDP sharding), then its optimizer and
     the fp16 loss scaler. The trainer, the tracer and the calibration all start here."""
-    from paratune.model.paraformer import set_checkpointing
+    from paratune.model.build import set_checkpointing
     for name, p in model.named_parameters():
         p.requires_grad_(not any(name.startswith(prefix) for prefix in options.frozen))
     if options.lora_r:
