@@ -35,7 +35,8 @@ def _transcribe(args) -> int:
     import torch
 
     from paratune.data.audio import AudioError, audio_info, load_audio
-    from paratune.data.manifest import output_line, read_manifests
+    from paratune.data.hotwords import HotwordError
+    from paratune.data.manifest import read_manifests
     from paratune.decode_long import decode_long
     from paratune.modeldir import ModelDirError, load_model
 
@@ -45,7 +46,11 @@ def _transcribe(args) -> int:
         return EXIT_FAILED
     try:
         asr = load_model(args.model, device=args.device)
-    except ModelDirError as e:
+        hotwords = asr.hotword_ids(args.hotwords, args.hotword_file)
+        if args.timestamps and not asr.timed:
+            raise ModelDirError(f"{args.model}: --timestamps: {asr.config.get('model')} has no timestamp head "
+                                "(BiCifParaformer and SeacoParaformer predict timestamps)")
+    except (ModelDirError, HotwordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.threads:
@@ -69,7 +74,7 @@ def _transcribe(args) -> int:
                 _report(u, e)
         ready = sorted((u for u in chunk if u.key in durations), key=lambda u: durations[u.key])
         long = [u for u in ready if durations[u.key] > args.max_duration]
-        texts = decode_long(asr, long, args.max_duration, args.batch_size, errors, _report, _log)
+        texts = decode_long(asr, long, args.max_duration, args.batch_size, errors, _report, _log, hotwords)
         ready = [u for u in ready if durations[u.key] <= args.max_duration]
         asr.frontend.eval()
         for b in range(0, len(ready), args.batch_size):
@@ -82,14 +87,23 @@ def _transcribe(args) -> int:
                     errors.append(e)
                     _report(u, e)
             if batch:
-                texts.update(zip((u.key for u in batch), asr.decode_features(feats)))
+                texts.update(zip((u.key for u in batch), asr.decode_batch(feats, hotwords)))
         for u in chunk:
             if u.key in texts:
-                print(output_line(u.key, texts[u.key]), flush=True)
+                print(_line(u.key, texts[u.key], args.timestamps), flush=True)
                 decoded += 1
     if errors:
         return EXIT_PARTIAL if decoded else EXIT_FAILED
     return EXIT_OK
+
+
+def _line(key: str, transcript, timestamps: bool) -> str:
+    """`key<TAB>text`, and `<TAB>[[start_ms, end_ms], ...]` (FunASR's `timestamp`) with --timestamps."""
+    import json
+
+    from paratune.data.manifest import output_line
+    line = output_line(key, transcript.text)
+    return f"{line}\t{json.dumps(transcript.timestamps)}" if timestamps else line
 
 
 def _log(msg: str) -> None:

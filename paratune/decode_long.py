@@ -7,8 +7,10 @@ from paratune.data.audio import AudioError, load_audio, resample
 from paratune.data.longaudio import VAD_RATE, SplitError, split
 
 
-def decode_long(asr, utterances, max_duration: float, batch_size: int, errors: list, report, log) -> dict:
-    """{key: text} for `utterances` (each over `max_duration` seconds). Where the VAD finds no speech
+def decode_long(asr, utterances, max_duration: float, batch_size: int, errors: list, report, log,
+                hotwords=None) -> dict:
+    """{key: Transcript} for `utterances` (each over `max_duration` seconds); a piece's timestamps are
+    shifted by where it starts. Where the VAD finds no speech
     or a stretch without a pause, the clip is cut every `max_duration` seconds instead. An input that
     cannot be read is appended to `errors` and given to `report(utterance, error)`."""
     texts = {}
@@ -29,15 +31,25 @@ def decode_long(asr, utterances, max_duration: float, batch_size: int, errors: l
             how = f"every {max_duration:g} s ({e})"
         log(f"{u.key}: {duration:.1f} s is over --max-duration {max_duration:g}: decoded in {len(bounds)} pieces "
             f"cut {how}")
-        pieces = [wave[int(a * VAD_RATE):int(b * VAD_RATE)] for a, b in bounds]
-        pieces = [p for p in pieces if len(p) >= VAD_RATE // 10]  # under 0.1 s: no frame worth decoding
-        pieces = [resample(p, VAD_RATE, asr.frontend.fs) for p in pieces]  # as load_audio would have
+        bounds = [(a, b) for a, b in bounds if (b - a) >= 0.1]  # under 0.1 s: no frame worth decoding
+        pieces = [resample(wave[int(a * VAD_RATE):int(b * VAD_RATE)], VAD_RATE, asr.frontend.fs)  # as load_audio
+                  for a, b in bounds]
         asr.frontend.eval()
         out = []
         for b in range(0, len(pieces), batch_size):
-            out += asr.decode_features([asr.frontend.features(p) for p in pieces[b:b + batch_size]])
-        texts[u.key] = join_texts(out)
+            out += asr.decode_batch([asr.frontend.features(p) for p in pieces[b:b + batch_size]], hotwords)
+        texts[u.key] = join_pieces(out, [a for a, _ in bounds])
     return texts
+
+
+def join_pieces(pieces: list, starts: list[float]):
+    """The pieces' transcripts as one, each piece's timestamps moved by its start (seconds)."""
+    from paratune.modeldir import Transcript
+    if pieces and pieces[0].timestamps is None:
+        return Transcript(join_texts([p.text for p in pieces]))
+    stamps = [[s + round(start * 1000), e + round(start * 1000)] for p, start in zip(pieces, starts)
+              for s, e in p.timestamps]
+    return Transcript(" ".join(p.text for p in pieces if p.text), stamps)
 
 
 def join_texts(texts: list[str]) -> str:

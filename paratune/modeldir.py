@@ -1,4 +1,4 @@
-"""FunASR model directories: `config.yaml`, `model.pt`, `tokens.json`/`tokens.txt`, `am.mvn`, `seg_dict`.
+"""FunASR model directories (Paraformer, BiCifParaformer, SeacoParaformer): `config.yaml`, `model.pt`, `tokens.json`/`tokens.txt`, `am.mvn`, `seg_dict`.
 
 `load_model` reads what `funasr.AutoModel(model=DIR)` reads; `save_model` writes a directory it loads.
 """
@@ -17,11 +17,12 @@ import yaml
 
 from paratune.data.audio import load_audio
 from paratune.data.frontend import FrontendConfigError, WavFrontend
-from paratune.data.text import sentence_postprocess
+from paratune.data.hotwords import HotwordError, read_hotwords
+from paratune.data.text import sentence_postprocess, sentence_postprocess_with_timestamps
 from paratune.data.tokenizer import CharTokenizer, TokenizerError
 from paratune.io import atomic_torch_save, atomic_write_text
+from paratune.model import BiCifParaformer, Paraformer, SeacoParaformer
 from paratune.model.build import ConfigError, build_paraformer
-from paratune.model.paraformer import Paraformer
 
 
 class ModelDirError(ValueError):
@@ -29,8 +30,16 @@ class ModelDirError(ValueError):
 
 
 @dataclass
+class Transcript:
+    """One utterance's text and, from a model with a timestamp head, each word's [start_ms, end_ms]."""
+
+    text: str
+    timestamps: list | None = None
+
+
+@dataclass
 class ASRModel:
-    """A Paraformer with the frontend and tokenizer its directory describes."""
+    """A Paraformer-family model with the frontend and tokenizer its directory describes."""
 
     model: Paraformer
     frontend: WavFrontend
@@ -48,25 +57,61 @@ class ASRModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def timed(self) -> bool:
+        """The model predicts timestamps (BiCifParaformer, SeacoParaformer)."""
+        return isinstance(self.model, BiCifParaformer)
+
+    @property
+    def takes_hotwords(self) -> bool:
+        return isinstance(self.model, SeacoParaformer)
+
     def text(self, token_ids: list[int]) -> str:
-        """Token ids -> text, post-processed as FunASR's `generate()` does."""
+        """Token ids -> text, post-processed as FunASR's `generate()` does for a model without timestamps."""
         return sentence_postprocess(self.tokenizer.ids2tokens(token_ids))
 
+    def hotword_ids(self, hotwords: str | None = None, hotword_file=None) -> list[list[int]] | None:
+        """Hotwords as FunASR's `generate(hotword=...)` reads them: a string holds one hotword per word, a
+        file one per line. HotwordError names a file or line that cannot be used."""
+        if hotwords is None and hotword_file is None:
+            return None
+        if not self.takes_hotwords:
+            raise HotwordError(f"hotwords: {self.config.get('model')} takes none (SeacoParaformer does)")
+        return read_hotwords(hotwords, hotword_file, self.tokenizer)
+
     @torch.no_grad()
-    def decode_features(self, feats: list[torch.Tensor]) -> list[str]:
-        """Decode a batch of feature matrices (T_i, D) from `self.frontend` (greedy CIF decoding)."""
+    def decode_batch(self, feats: list[torch.Tensor], hotwords: list[list[int]] | None = None) -> list[Transcript]:
+        """Decode feature matrices (T_i, D) from `self.frontend` together (greedy CIF decoding). From a
+        model with timestamps, the text is FunASR's for such a model (words separated by spaces)."""
         self.model.eval()
         lengths = torch.tensor([f.shape[0] for f in feats], device=self.device)
         padded = torch.nn.utils.rnn.pad_sequence(list(feats), batch_first=True).to(self.device)
-        return [self.text(row) for row in self.model.decode(padded, lengths)]
+        options = {"hotwords": hotwords} if hotwords else {}
+        if not self.timed:
+            return [Transcript(self.text(row)) for row in self.model.decode(padded, lengths, **options)]
+        out = []
+        for ids, stamps in self.model.decode_timed(padded, lengths, **options):
+            text, stamps = sentence_postprocess_with_timestamps(self.tokenizer.ids2tokens(ids), stamps)
+            out.append(Transcript(text, stamps))
+        return out
 
-    def transcribe(self, waveforms: list[np.ndarray]) -> list[str]:
-        """Decode a batch of 16 kHz mono waveforms."""
+    def decode_features(self, feats: list[torch.Tensor], hotwords: list[list[int]] | None = None) -> list[str]:
+        return [t.text for t in self.decode_batch(feats, hotwords)]
+
+    def transcribe(self, waveforms: list[np.ndarray], hotwords: str | None = None, hotword_file=None,
+                   timestamps: bool = False) -> list:
+        """Decode a batch of 16 kHz mono waveforms: texts, or `Transcript`s with `timestamps=True`.
+        `hotwords` ("w1 w2") and `hotword_file` bias a SeacoParaformer as FunASR's `generate` does."""
+        if timestamps and not self.timed:
+            raise ModelDirError(f"{self.config.get('model')} has no timestamp head "
+                                "(BiCifParaformer and SeacoParaformer predict timestamps)")
         self.frontend.eval()
-        return self.decode_features([self.frontend.features(w) for w in waveforms])
+        result = self.decode_batch([self.frontend.features(w) for w in waveforms],
+                                   self.hotword_ids(hotwords, hotword_file))
+        return result if timestamps else [t.text for t in result]
 
-    def transcribe_files(self, paths: list[str | os.PathLike]) -> list[str]:
-        return self.transcribe([load_audio(p, self.frontend.fs) for p in paths])
+    def transcribe_files(self, paths: list[str | os.PathLike], **options) -> list:
+        return self.transcribe([load_audio(p, self.frontend.fs) for p in paths], **options)
 
 
 def _read_yaml(path: Path) -> dict:

@@ -63,6 +63,13 @@ def _transcribe(sub, run) -> None:
     p.add_argument("--max-duration", type=positive_float, default=60.0, metavar="SECONDS",
                    help="inputs longer than this are cut at pauses (silero-vad, as `prepare --long-audio split`), "
                         "decoded piece by piece and their texts joined (default 60)")
+    p.add_argument("--timestamps", action="store_true",
+                   help="print `key<TAB>text<TAB>[[start_ms, end_ms], ...]`, FunASR's `timestamp` "
+                        "(BiCifParaformer, SeacoParaformer)")
+    p.add_argument("--hotwords", metavar='"W1 W2"', help="hotwords to bias a SeacoParaformer towards, separated "
+                                                          "by spaces (FunASR's generate(hotword=...))")
+    p.add_argument("--hotword-file", type=Path, metavar="FILE",
+                   help="hotwords one per line (its tokens separated by spaces), as FunASR's hotword .txt file")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.set_defaults(func=run)
 
