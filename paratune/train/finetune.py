@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from paratune.data.loader import FeatureDataset, make_loader
+from paratune.data.hotwords import hotword_sampling
+from paratune.data.loader import FeatureDataset, make_loader, step_batch
 from paratune.data.specaug import augment_batch
 from paratune.memory.estimate import load_or_fit
 from paratune.memory.plan import gib, plan_run
@@ -104,6 +105,7 @@ class Finetune:
         # bad value could leave a folder behind or --overwrite empty one
         self.spec = read_model_dir(o.model)
         self.config = apply_flags(load_config(self.spec.config, o.config, o.overrides), o.flags)
+        hotword_sampling(self.config["dataset_conf"], None)  # min > max hotword length refused here too
         self.state = run_folder.open_folder(self.out, o.resume, o.overwrite, o.valid, self.log)
         run_folder.prepare(self.out, self.state, o.overwrite, self.lead, self.world.rank, self.log)
         distributed.barrier()
@@ -113,6 +115,7 @@ class Finetune:
         random.seed(int(self.tc["seed"]))
         self._load_data()
         self.asr = self._build_model()
+        self.hotwords = hotword_sampling(self.dc, getattr(self.asr.model, "no_bias", None))  # SeACo: sampled
         self._plan()
         self._prepare()
         self._resume()
@@ -223,7 +226,7 @@ class Finetune:
             self.ledger.write(self.epoch, self.step, excluded, "excluded", "does not fit the budget even alone")
         dataset = FeatureDataset(self.train_rows, self.asr.frontend, self.asr.tokenizer, train=True,
                                  seed=int(self.tc["seed"]), speed_perturb=dc["speed_perturb"], gain_db=dc["gain_db"],
-                                 noise_snr_db=dc["noise_snr_db"], tilt=dc["tilt"])
+                                 noise_snr_db=dc["noise_snr_db"], tilt=dc["tilt"], hotwords=self.hotwords)
         dataset.epoch = self.epoch
         if self.progress:
             self.progress.start_epoch(self.epoch, n_batches, self.position)
@@ -236,8 +239,7 @@ class Finetune:
             self._exclude(batch["excluded"])
             # stays on the host: train_step moves each micro-batch to the device when it runs; a batch
             # with no readable clip is a placeholder that weighs nothing
-            group.append(Micro({k: batch[k] for k in ("speech", "speech_lengths", "text", "text_lengths", "keys")},
-                               1.0 / self.accum if batch["keys"] else 0.0))
+            group.append(Micro(step_batch(batch), 1.0 / self.accum if batch["keys"] else 0.0))
             if len(group) == self.accum or self.position == n_batches:
                 self.train_step(group, n_batches)
                 group = []
@@ -302,7 +304,7 @@ class Finetune:
         if self.valid is None:
             return
         if self.lead or self.opts.fsdp:  # under FSDP every rank takes part in every forward
-            result = validate(self.asr, self.valid[0], self.valid[1], self.world.device)
+            result = validate(self.asr, self.valid[0], self.valid[1], self.world.device, hotwords=self.hotwords)
             weights = checkpoint.full_state(self.model, None, self.opts.fsdp)[0]  # a collective under FSDP
         if not self.lead:
             return

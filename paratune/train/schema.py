@@ -114,7 +114,10 @@ SCHEMA = {
                      "num_workers": Num(True, 0), "costliest_first": Bool(), "specaug": Bool(),
                      "max_batch": Num(True, 1, null=True), "speed_perturb": Numbers(POSITIVE),
                      "gain_db": Num(lo=0), "noise_snr_db": Numbers(Num(), pair=True),
-                     "tilt": Num(lo=0, hi=1, hi_open=True)},
+                     "tilt": Num(lo=0, hi=1, hi_open=True),
+                     # SeACo-Paraformer's hotwords sampled from the targets (FunASR's AudioDatasetHotword)
+                     "hotword_min_length": Num(True, 1), "hotword_max_length": Num(True, 1),
+                     "hotword_sample_rate": Num(lo=0, hi=1), "hotword_double_rate": Num(lo=0, hi=1)},
     "memory": {"precision": Choice(("fp32", "bf16", "fp16")), "checkpointing": Choice(("auto", "on", "off")),
                "margin": Num(lo=0, hi=1, null=True),  # the share of the budget kept free
                "cpu_track_every": Num(True, 1), "fit_timeout_s": POSITIVE},

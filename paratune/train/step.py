@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from paratune.data.hotwords import with_hotwords
+from paratune.data.loader import INPUTS
 from paratune.train import distributed
 
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-INPUTS = ("speech", "speech_lengths", "text", "text_lengths")
 
 
 @dataclass(frozen=True)
@@ -143,13 +144,20 @@ def keys_of(batch: dict) -> list:
     return list(batch["keys"]) if "keys" in batch else list(range(len(batch["speech_lengths"])))
 
 
+def _hotwords(part: dict, batch: dict, spans) -> dict:
+    """`part` of `batch` with its own hotwords when the batch has some: these rows' spans only, as the
+    collate would have made them for a batch of these rows."""
+    return with_hotwords(part, spans, batch["hotwords"]) if "hotword_spans" in batch else part
+
+
 def take(batch: dict, rows: slice) -> dict:
-    """Rows of a padded batch, trimmed to their own longest utterance and target."""
+    """Rows of a padded batch, trimmed to their own longest utterance and target (and their hotwords)."""
     n_frames = int(batch["speech_lengths"][rows].max())
     n_tokens = int(batch["text_lengths"][rows].max())
-    return {"keys": keys_of(batch)[rows], "speech": batch["speech"][rows, :n_frames],
+    part = {"keys": keys_of(batch)[rows], "speech": batch["speech"][rows, :n_frames],
             "speech_lengths": batch["speech_lengths"][rows], "text": batch["text"][rows, :n_tokens],
             "text_lengths": batch["text_lengths"][rows]}
+    return _hotwords(part, batch, batch.get("hotword_spans", [])[rows])
 
 
 def shape_of(batch: dict) -> tuple[int, int, int]:
@@ -174,7 +182,7 @@ def backward_batch(model: nn.Module, batch: dict, scale: float = 1.0, autocast_d
     """Forward and backward of one (micro-)batch, moved to `device` first, gradients added to `.grad`,
     loss multiplied by `scale` (its share of the step). Returns the model's stats as tensors and the
     loss weight."""
-    inputs = {k: batch[k] if device is None else batch[k].to(device, non_blocking=True) for k in INPUTS}
+    inputs = {k: batch[k] if device is None else batch[k].to(device, non_blocking=True) for k in INPUTS if k in batch}
     with autocast_context(inputs["speech"].device.type, autocast_dtype):
         loss, stats, weight = model(**inputs)
     del inputs
@@ -228,10 +236,11 @@ def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device,
 def placeholder(batch: dict) -> dict:
     """A few frames of the batch's first utterance, weighing nothing in the loss (run with scale 0) and
     training no key: it keeps a rank's micro-batches in step with ranks that split instead, forward and
-    backward included (FSDP's collectives run in both)."""
+    backward included (FSDP's collectives run in both). Hotwords: none sampled ([[sos]] only)."""
     t = min(int(batch["speech_lengths"][0]), 8)
-    return {"keys": [], "speech": batch["speech"][:1, :t], "speech_lengths": batch["speech_lengths"][:1].clamp(max=t),
+    part = {"keys": [], "speech": batch["speech"][:1, :t], "speech_lengths": batch["speech_lengths"][:1].clamp(max=t),
             "text": batch["text"][:1, :1], "text_lengths": batch["text_lengths"][:1].clamp(max=1)}
+    return _hotwords(part, batch, [[-1]])
 
 
 def _split(plan: list[Micro], failed: int, weight_of, result: StepResult) -> None:

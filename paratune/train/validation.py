@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from paratune.data.hotwords import HotwordSampling
 from paratune.data.loader import FeatureDataset, make_loader, model_inputs
 from paratune.data.lengths import read_lengths
 from paratune.data.sampler import MemoryBoundedSampler
@@ -31,14 +32,18 @@ def estimate_cmvn(rows, frontend, n: int = 2000) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(asr: ASRModel, rows, lengths, device, batch_frames: int = 20000) -> dict:
+def validate(asr: ASRModel, rows, lengths, device, batch_frames: int = 20000,
+             hotwords: HotwordSampling | None = None) -> dict:
     """Loss, CER and WER over every utterance: one longer than `batch_frames` goes in a batch of its own
-    (none is skipped); clips that cannot be read are counted out in "excluded" as (origin, reason)."""
+    (none is skipped); clips that cannot be read are counted out in "excluded" as (origin, reason). A
+    SeACo model's loss takes `hotwords` sampled from the targets (the same at every validation); its
+    CER is decoded without hotwords."""
     model = asr.model.eval()
     longest = int(lengths.frames.max()) if len(lengths) else 0
     sampler = MemoryBoundedSampler(lengths.frames, lengths.tokens, max_frames=max(batch_frames, longest),
                                    shuffle=False)
-    loader = make_loader(FeatureDataset(rows, asr.frontend, asr.tokenizer, train=False), sampler, workers=0)
+    dataset = FeatureDataset(rows, asr.frontend, asr.tokenizer, train=False, hotwords=hotwords)
+    loader = make_loader(dataset, sampler, workers=0)
     hyps, refs, loss_sum, weight_sum, excluded = [], [], 0.0, 0.0, []
     for batch in loader:
         excluded += [(lengths.origins[i], reason) for _, i, reason in batch["excluded"]]
