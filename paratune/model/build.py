@@ -138,10 +138,8 @@ def paraformer_config(d: int, enc_blocks: int, dec_blocks: int, ffn: int, fs: in
 def set_checkpointing(model: nn.Module, encoder_blocks: int | None = None, decoder_blocks: int | None = 0):
     """Turn on activation checkpointing for the first `encoder_blocks` encoder blocks (None: all)
     and the first `decoder_blocks` decoder blocks (None: all). Non-reentrant; dropout replays."""
-    stacks = [(model.encoder.blocks(), encoder_blocks), (model.decoder.blocks(), decoder_blocks)]
-    if hasattr(model, "seaco_decoder"):  # SeACo's hotword decoder counts with the decoder
-        stacks.append((model.seaco_decoder.blocks(), decoder_blocks))
-    for stack, n in stacks:
+    for name, stack in model.block_stacks().items():
+        n = encoder_blocks if name == "encoder" else decoder_blocks  # SeACo's seaco_decoder: as the decoder
         n = len(stack) if n is None else n
         for i, layer in enumerate(stack):
             layer.checkpoint = i < n

@@ -65,6 +65,10 @@ class Paraformer(nn.Module):
 
     # ---- building blocks -------------------------------------------------------------------
 
+    def block_stacks(self) -> dict:
+        """The model's stacks of blocks by name: what checkpointing and FSDP work per block on."""
+        return {"encoder": self.encoder.blocks(), "decoder": self.decoder.blocks()}
+
     def encode(self, speech: torch.Tensor, speech_lengths: torch.Tensor):
         return self.encoder(speech, speech_lengths)
 

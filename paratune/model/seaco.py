@@ -40,6 +40,9 @@ class SeacoParaformer(BiCifParaformer):
         self.seaco_lsm_weight, self.seaco_length_normalized_loss = seaco_lsm_weight, seaco_length_normalized_loss
         self.train_decoder, self.seaco_weight, self.no_bias = train_decoder, seaco_weight, NO_BIAS
 
+    def block_stacks(self) -> dict:
+        return {**super().block_stacks(), "seaco_decoder": self.seaco_decoder.blocks()}
+
     # ---- hotwords ------------------------------------------------------------------------------
 
     def hotword_vectors(self, hotword_pad: torch.Tensor, hotword_lengths: torch.Tensor) -> torch.Tensor:

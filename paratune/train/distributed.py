@@ -298,10 +298,11 @@ class _SyncInBackward(torch.autograd.Function):
 
 
 def shard(model: torch.nn.Module) -> tuple[torch.nn.Module, OOMSync]:
-    """FSDP2 over the ranks: every encoder and decoder block, then the model; with its OOM sync points."""
+    """FSDP2 over the ranks: every block (encoder, decoder, SeACo's seaco decoder), then the model; with its
+    OOM sync points."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    blocks = [(f"encoder block {i}", b) for i, b in enumerate(model.encoder.blocks())]
-    blocks += [(f"decoder block {i}", b) for i, b in enumerate(model.decoder.blocks())]
+    blocks = [(f"{stack.replace('_', ' ')} block {i}", b) for stack, layers in model.block_stacks().items()
+              for i, b in enumerate(layers)]
     for _, layer in blocks:
         fully_shard(layer)
     fully_shard(model)
