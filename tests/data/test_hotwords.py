@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from paratune.data.hotwords import (HotwordError, HotwordSampling, hotword_ids, hotword_sampling, hotword_tensors,
-                                    read_hotwords, sample_spans, span_rng, with_hotwords)
+                                    read_hotwords, sample_spans, span_rng)
 from paratune.data.loader import FeatureDataset, collate, make_loader, model_inputs, placeholder_batch, step_batch
 from paratune.data.sampler import MemoryBoundedSampler
 from paratune.data.tokenizer import CharTokenizer
@@ -99,6 +99,9 @@ def test_placeholder_batch_has_only_sos():
     assert batch["hotword_pad"].tolist() == [[1]] and batch["hotword_lengths"].tolist() == [1]
     assert batch["seaco_label_pad"].tolist() == [[NO_BIAS]] and batch["hotword_spans"] == [[-1]]
     assert "hotword_pad" not in placeholder_batch(8)
+    unreadable = collate([{"key": "a", "index": 0, "excluded": "bad"}], feature_dim=8, hotwords=SETTINGS[0])
+    assert unreadable["keys"] == [] and unreadable["excluded"] == [("a", 0, "bad")]
+    assert unreadable["hotword_pad"].tolist() == [[1]] and unreadable["seaco_label_pad"].tolist() == [[NO_BIAS]]
 
 
 # -- the dataset: spans of (seed, epoch, index) only
