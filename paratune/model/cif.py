@@ -16,7 +16,7 @@ from torch import nn
 
 
 def cif(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0,
-        target_lengths: torch.Tensor | None = None, max_tokens: int | None = None):
+        target_lengths: torch.Tensor | None = None, max_tokens: int | None = None, carry: bool = False):
     """Integrate `hidden` (B, T, D) with weights `alphas` (B, T).
 
     Returns (embeds (B, U, D), fires (B, T)): U = max over the batch of round(sum(alphas)), a
@@ -33,6 +33,14 @@ def cif(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0,
     FunASR it fires only when float rounding leaves the sum at or above the integer.
     `max_tokens` (training: the padded target width) fixes U without reading tensor values, so a
     training step can be traced with fake tensors (the memory model does).
+
+    A frame fires at most one token. Where one frame's weight crosses two integers (possible only in
+    training, where alphas are scaled up to the target length) `cif_v1` loses the second token (and
+    every later token is one off its target); with `carry` the excess stays in the integrator and the
+    next frame fires it, as FunASR's loop `cif` does (the BiCif/SeACo predictor, CifPredictorV3): the
+    token count after frame t is n_t = min(n_{t-1} + 1, floor_t), a running minimum. Below 1 per frame
+    (inference, and training with a trained predictor) the two agree. A token still owed at the last
+    frame does not fire (nor in FunASR).
     """
     b, t, _ = hidden.shape
     csum = torch.cumsum(alphas.double(), dim=1)
@@ -41,6 +49,9 @@ def cif(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0,
         total = csum[:, -1:]
         decide = torch.where(total > 0, csum * (target_lengths.double()[:, None] / total), csum)
     floor = torch.floor(decide.float()).double()  # fire decisions on float32, like FunASR
+    if carry and t > 0:  # tokens fired by frame t: min over s <= t of floor_s + (t - s), and t + 1
+        steps = torch.arange(t, device=floor.device, dtype=floor.dtype)
+        floor = steps + torch.cummin(floor - steps, dim=1).values.clamp(max=1.0)
     prev_floor = F.pad(floor[:, :-1], (1, 0))
     fire = floor > prev_floor  # (B, T)
 
@@ -72,6 +83,8 @@ def cif(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0,
 
 class CifPredictorV2(nn.Module):
     """Predicts a weight per encoder frame and integrates the frames into token embeddings."""
+
+    CARRY = False  # FunASR's CifPredictorV2 integrates with cif_v1 (see `cif`)
 
     def __init__(self, idim: int, l_order: int, r_order: int, threshold: float = 1.0,
                  smooth_factor: float = 1.0, noise_threshold: float = 0.0, tail_threshold: float = 0.0,
@@ -118,7 +131,7 @@ class CifPredictorV2(nn.Module):
                 alphas = alphas * (target_lengths.to(alphas.dtype) / token_num)[:, None]
             elif self.tail_threshold > 0.0:
                 hidden, alphas, token_num = self._add_tail(hidden, alphas, mask)
-            embeds, fires = cif(hidden, alphas, self.threshold, target_lengths, max_tokens)
+            embeds, fires = cif(hidden, alphas, self.threshold, target_lengths, max_tokens, self.CARRY)
             if target_lengths is None and self.tail_threshold > 0.0:
                 embeds = embeds[:, : int(token_num.max().item())]
         return embeds, token_num, alphas, fires
@@ -142,6 +155,8 @@ class CifPredictorV3(CifPredictorV2):
     then a BLSTM for `cnn_blstm`) and a second weight per upsampled frame is predicted; trained only on the
     token count (loss_pre2), its firing points mark where tokens start.
     """
+
+    CARRY = True  # FunASR's CifPredictorV3 integrates with the loop `cif` (see `cif`)
 
     def __init__(self, idim: int, l_order: int, r_order: int, threshold: float = 1.0, smooth_factor: float = 1.0,
                  noise_threshold: float = 0.0, tail_threshold: float = 0.0, smooth_factor2: float = 1.0,

@@ -46,6 +46,38 @@ def funasr_paraformer(config: dict, vocab_size: int, input_size: int = 560):
     )
 
 
+def family_small_config(family_config: dict) -> dict:
+    """A BiCif / SeACo config at small_config's sizes; SeACo's bias encoder and seaco decoder at the
+    encoder's width (its att_layer_num stays the default 6: FunASR's hotword filter reads block 6)."""
+    c = small_config(family_config)
+    if "seaco_decoder_conf" in c:
+        d = c["encoder_conf"]["output_size"]
+        c["model_conf"]["inner_dim"] = d
+        c["seaco_decoder_conf"].update(attention_heads=4, linear_units=96)
+    return c
+
+
+def funasr_model(config: dict, vocab_size: int, input_size: int = 560):
+    """FunASR's model for any Paraformer-family config (Paraformer, BiCifParaformer, SeacoParaformer),
+    built as `funasr.AutoModel` builds it: model_conf's keys, then every top-level key of the config
+    (SeacoParaformer reads seaco_decoder, seaco_decoder_conf and predictor from there)."""
+    # importing the modules registers the classes FunASR looks up by name
+    import funasr.models.bicif_paraformer.cif_predictor  # noqa: F401
+    import funasr.models.bicif_paraformer.model  # noqa: F401
+    import funasr.models.paraformer.cif_predictor  # noqa: F401
+    import funasr.models.paraformer.decoder  # noqa: F401
+    import funasr.models.paraformer.model  # noqa: F401
+    import funasr.models.sanm.encoder  # noqa: F401
+    import funasr.models.seaco_paraformer.model  # noqa: F401
+    import funasr.models.specaug.specaug  # noqa: F401
+    from funasr.register import tables
+
+    kwargs = copy.deepcopy(config.get("model_conf") or {})
+    kwargs.update(copy.deepcopy(config))
+    kwargs.update(vocab_size=vocab_size, input_size=input_size, frontend=None)
+    return tables.model_classes.get(config["model"])(**kwargs)
+
+
 def funasr_features(wav_paths, cmvn_file: Path):
     """Padded LFR+CMVN features of real clips, computed by FunASR's own loader and frontend."""
     from funasr.frontends.wav_frontend import WavFrontend
