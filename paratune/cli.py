@@ -37,7 +37,7 @@ def _transcribe(args) -> int:
     from paratune.data.audio import AudioError, audio_info, load_audio
     from paratune.data.hotwords import HotwordError
     from paratune.data.manifest import read_manifests
-    from paratune.decode_long import decode_long
+    from paratune.decode_long import decode_long, transcript_line
     from paratune.modeldir import ModelDirError, load_model
 
     bad_device = _device_error(args.device)
@@ -90,20 +90,11 @@ def _transcribe(args) -> int:
                 texts.update(zip((u.key for u in batch), asr.decode_batch(feats, hotwords)))
         for u in chunk:
             if u.key in texts:
-                print(_line(u.key, texts[u.key], args.timestamps), flush=True)
+                print(transcript_line(u.key, texts[u.key], args.timestamps), flush=True)
                 decoded += 1
     if errors:
         return EXIT_PARTIAL if decoded else EXIT_FAILED
     return EXIT_OK
-
-
-def _line(key: str, transcript, timestamps: bool) -> str:
-    """`key<TAB>text`, and `<TAB>[[start_ms, end_ms], ...]` (FunASR's `timestamp`) with --timestamps."""
-    import json
-
-    from paratune.data.manifest import output_line
-    line = output_line(key, transcript.text)
-    return f"{line}\t{json.dumps(transcript.timestamps)}" if timestamps else line
 
 
 def _log(msg: str) -> None:

@@ -1,10 +1,14 @@
 """`paratune transcribe` on inputs longer than --max-duration: cut at pauses (silero-vad, as `prepare
---long-audio split` cuts), decoded piece by piece, the pieces' texts joined. Decoded whole, one
-3-hour clip took 240 s and 3.4 GB before printing anything."""
+--long-audio split` cuts), decoded piece by piece, the pieces' texts joined and their timestamps moved
+to where each piece starts. Decoded whole, one 3-hour clip took 240 s and 3.4 GB before printing
+anything. Also the line transcribe prints per input."""
 from __future__ import annotations
+
+import json
 
 from paratune.data.audio import AudioError, load_audio, resample
 from paratune.data.longaudio import VAD_RATE, SplitError, split
+from paratune.data.manifest import output_line
 
 
 def decode_long(asr, utterances, max_duration: float, batch_size: int, errors: list, report, log,
@@ -60,3 +64,9 @@ def join_texts(texts: list[str]) -> str:
             out += " "
         out += t
     return out
+
+
+def transcript_line(key: str, transcript, timestamps: bool) -> str:
+    """`key<TAB>text`, and `<TAB>[[start_ms, end_ms], ...]` (FunASR's `timestamp`) with --timestamps."""
+    line = output_line(key, transcript.text)
+    return f"{line}\t{json.dumps(transcript.timestamps)}" if timestamps else line

@@ -140,3 +140,40 @@ def test_other_runtime_errors_are_not_dressed_up(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="a bug in paratune"):
         main(["finetune", "--model", str(MODEL), "--train", str(tmp_path / "t.jsonl"), "--output",
               str(tmp_path / "exp")])
+
+
+def test_pieces_timestamps_are_moved_to_where_each_piece_starts():
+    from paratune.decode_long import join_pieces
+    from paratune.modeldir import Transcript
+    joined = join_pieces([Transcript("a b", [[0, 100], [100, 250]]), Transcript("", []),
+                          Transcript("c", [[40, 90]])], [0.0, 12.5, 20.25])
+    assert joined == Transcript("a b c", [[0, 100], [100, 250], [20290, 20340]])
+    assert join_pieces([Transcript("你好"), Transcript("世界")], [0.0, 3.0]) == Transcript("你好世界")
+
+
+def test_long_inputs_keep_their_timestamps_in_place(shared_data, large_dir, tmp_path, capsys):
+    """A timed model's pieces: every timestamp is in the clip's own time, in order."""
+    import json
+
+    import torch
+    import yaml
+
+    from paratune.modeldir import ASRModel, read_model_dir, save_model
+    from tests.model.reference import small_config
+    long = shared_data / "long_audio" / "zh_70s.wav"
+    src = tmp_path / "src"
+    src.mkdir()
+    config = small_config(yaml.safe_load((shared_data / "paraformer_family" / "bicif" / "config.yaml").read_text()))
+    (src / "config.yaml").write_text(yaml.safe_dump(config))
+    for name in ("tokens.json", "am.mvn"):
+        shutil.copy(large_dir / name, src / name)
+    spec = read_model_dir(src)
+    torch.manual_seed(0)
+    save_model(ASRModel(spec.build().eval(), spec.frontend, spec.tokenizer, spec.config), tmp_path / "bicif")
+    assert main(["transcribe", "--model", str(tmp_path / "bicif"), "--max-duration", "20", "--timestamps",
+                 str(long)]) == 0
+    key, text, stamps = capsys.readouterr().out.rstrip("\n").split("\t")
+    stamps = json.loads(stamps)
+    assert key == "zh_70s" and text and stamps
+    assert stamps == sorted(stamps) and all(a <= b for a, b in stamps)
+    assert 20000 < stamps[-1][1] <= 70500  # later pieces moved by their start, none past the end
