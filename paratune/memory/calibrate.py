@@ -5,46 +5,79 @@ the allocator's blocks) and `max_memory_reserved` (what it holds from the driver
 blocks). The model predicts tensor bytes, so the reserved/predicted ratio is what a budget must allow
 for. On a CPU the same code measures real tensors with the tracker the model was fitted with, which
 checks the fit itself (allocated = reserved there). The model's weights are random: a training step's
-memory depends on the shapes, not the values (CIF is given the target lengths in training).
+memory depends on the shapes, not the values (CIF is given the target lengths in training). A SeACo
+model's real steps carry the hotwords the fit predicts with: the most its sampling can draw per shape.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import platform
+import random
 
 import torch
 
+from paratune.data.hotwords import HotwordSampling, sample_spans, with_hotwords
 from paratune.memory.estimate import MemoryModel
-from paratune.memory.trace import PRECISIONS, StepOptions, fake_batch, no_collective
+from paratune.memory.trace import PRECISIONS, StepOptions, fake_batch, hotword_bound, no_collective
 from paratune.memory.tracker import PeakMemory
 from paratune.modeldir import ModelSpec
 from paratune.train.distributed import Local
 from paratune.train.step import prepare_model, train_step
 
 
-def real_batch(spec: ModelSpec, b: int, t: int, u: int, device) -> dict:
-    """Random inputs of the padded shape (B, T, U) on `device`."""
-    batch = fake_batch(b, t, u, spec.input_size, spec.vocab_size)
+def real_batch(spec: ModelSpec, b: int, t: int, u: int, device, hotwords: HotwordSampling | None = None) -> dict:
+    """Random inputs of the padded shape (B, T, U) on `device`; SeACo (`hotwords`): with the most hotword
+    rows and tokens the sampling can draw for it, random tokens."""
+    batch = fake_batch(b, t, u, spec.input_size, spec.vocab_size, hotwords)
     batch["speech"] = torch.randn(b, t, spec.input_size)
     batch["text"] = torch.randint(1, spec.vocab_size, (b, u))
+    if hotwords is not None:
+        pad = batch["hotword_pad"]
+        pad[:-1] = torch.randint(1, spec.vocab_size, (pad.shape[0] - 1, pad.shape[1]))
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def real_stepper(spec: ModelSpec, options: StepOptions, dev: torch.device):
+def sampled_batch(b: int, t: int, u: int, input_size: int, vocab: int, hotwords: HotwordSampling | None,
+                  rng: random.Random) -> dict:
+    """A real batch as the loader makes one, padded to (B, T, U): random speech and transcripts, the
+    first utterance T frames and U tokens long, the others of random lengths up to those; SeACo
+    (`hotwords`): each transcript's hotword spans as the sampler draws them (`sample_spans`) and the
+    tensors the collate makes of them (`with_hotwords`). For checking the memory model on real steps."""
+    gen = torch.Generator().manual_seed(rng.getrandbits(32))
+    frames = [t] + [rng.randint(1, t) for _ in range(b - 1)]
+    tokens = [u] + [rng.randint(1, u) for _ in range(b - 1)]
+    speech = torch.randn(b, t, input_size, generator=gen) * (torch.arange(t)[None, :, None]
+                                                            < torch.tensor(frames)[:, None, None])
+    text = torch.full((b, u), -1, dtype=torch.long)
+    for row, n in enumerate(tokens):
+        text[row, :n] = torch.randint(3, vocab, (n,), generator=gen)
+    batch = {"speech": speech, "speech_lengths": torch.tensor(frames), "text": text,
+             "text_lengths": torch.tensor(tokens), "keys": list(range(b))}
+    if hotwords is None:
+        return batch
+    spans = [sample_spans(n, rng, hotwords) for n in tokens]
+    return with_hotwords(batch, spans, hotwords)
+
+
+def sampling_of(fitted: MemoryModel) -> HotwordSampling | None:
+    """The hotword sampling a fit predicts with (SeACo), or None."""
+    return HotwordSampling(**fitted.hotwords) if fitted.hotwords else None
+
+
+def real_stepper(spec: ModelSpec, options: StepOptions, dev: torch.device, hotwords: HotwordSampling | None = None):
     """The model on `dev` prepared for `options` (as the trainer prepares it), its optimizer and
     `step(batch)`, one training step as the trainer runs it. A first small step has created the
-    optimizer state, as in a long run."""
+    optimizer state, as in a long run. `hotwords`: a SeACo model's sampling (default: its config's)."""
     ready = prepare_model(spec.build(), options, dev)
     model, optimizer = ready.model, ready.optimizer
 
     def step(batch):
         train_step(model, optimizer, batch, grad_clip=options.grad_clip,
                    autocast_dtype=PRECISIONS[options.precision], scaler=ready.scaler,
-                   world_size=2 if options.ddp else 1, all_reduce=no_collective,
-                       agreement=Local())
+                   world_size=2 if options.ddp else 1, all_reduce=no_collective, agreement=Local())
 
-    step(real_batch(spec, 1, 16, 2, dev))
+    step(real_batch(spec, 1, 16, 2, dev, hotword_bound(spec.config, hotwords)))
     return model, optimizer, step
 
 
@@ -65,10 +98,11 @@ def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes
     ratios to the prediction, for `MemoryModel.calibration`."""
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model, optimizer, step = real_stepper(spec, options, dev)
+    sampling = sampling_of(fitted)
+    model, optimizer, step = real_stepper(spec, options, dev, sampling)
     rows = []
     for b, t, u in shapes:
-        batch = real_batch(spec, b, t, u, dev)
+        batch = real_batch(spec, b, t, u, dev, sampling)
         if dev.type == "cuda":
             allocated, reserved = cuda_peaks(step, batch, dev)
         else:
@@ -88,9 +122,10 @@ def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes
 
 def ddp_rank_peaks(rank: int, world: int, config: dict, vocab: int, input_size: int, shapes, out: str) -> None:
     """One rank of a real gloo group (file store in `out`): the DDP step (default agreement, dist.all_reduce)
-    at each (B, T, U) on this rank's own random speech, tracked by PeakMemory after a warm-up step (the
-    optimizer state). Writes out/rank{rank}.json: the peaks, and a checksum of the weights (equal on
-    every rank only if the gradients were averaged). For benchmarks and tests (torch.multiprocessing)."""
+    at each (B, T, U) on this rank's own random speech (SeACo: with the most hotwords its config's
+    sampling can draw), tracked by PeakMemory after a warm-up step (the optimizer state). Writes
+    out/rank{rank}.json: the peaks, and a checksum of the weights (equal on every rank only if the
+    gradients were averaged). For benchmarks and tests (torch.multiprocessing)."""
     import json
 
     import torch.distributed as dist
@@ -106,9 +141,10 @@ def ddp_rank_peaks(rank: int, world: int, config: dict, vocab: int, input_size: 
         ready = prepare_model(build_paraformer(config, vocab, input_size), options)
         net, optimizer = ready.model, ready.optimizer
         gen = torch.Generator().manual_seed(1000 + rank)
+        hotwords = hotword_bound(config)
 
         def step(b, t, u, tracker=None):
-            data = fake_batch(b, t, u, input_size, vocab)
+            data = fake_batch(b, t, u, input_size, vocab, hotwords)
             data["speech"] = torch.randn(b, t, input_size, generator=gen)
             with tracker if tracker is not None else contextlib.nullcontext():
                 train_step(net, optimizer, [Micro(data, 1.0)], grad_clip=options.grad_clip, world_size=world)

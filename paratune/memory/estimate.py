@@ -20,6 +20,14 @@ forward and backward, a later one's (every gradient already allocated, as in acc
 halves of a split batch), or the tail (gradient reduce, optimizer). A step of one micro-batch peaks at
 the most of its first and tail stages; a later micro-batch at the most of its later and tail stages.
 
+A SeACo-Paraformer's step also depends on its N hotword rows of L tokens: the bias encoder's LSTM runs
+over N x L, and the seaco decoder's source attention over N hotword vectors per utterance (keys and
+values B x N, weights B x U x N). Its stages have four more terms, N, N*L, B*N and B*N*U; N and L are
+inputs, not fitted: by default the most the sampler can draw for (B, U) (`hotword_shape`), so the
+prediction is an upper bound over the hotword draws. N grows with B (up to 2B + 1), so B*N is a B^2
+term that takes a batch of many short utterances far past the [sos]-only step (+39 % at 128 x 40 frames
+at SeACo medium); the probes vary N at fixed shapes to separate those terms.
+
 A single quadratic fitted to the peak itself is the special case of one stage. It is good when the
 peak always falls at the same point of the step, but activation checkpointing makes the peak move
 with the shape (early in backward for long batches, late for short ones, when most gradients exist):
@@ -28,6 +36,7 @@ gradient figures are counted exactly, not fitted; the stage fits come from trace
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -39,18 +48,35 @@ from pathlib import Path
 import numpy as np
 
 from paratune.io import atomic_write_text
-from paratune.memory.trace import StepOptions, StepTracer, fit_key
+from paratune.data.hotwords import HotwordSampling
+from paratune.memory.trace import StepOptions, StepTracer, fit_key, hotword_shape
 from paratune.memory.tracker import FIRST, LATER, TAIL
 
 SINGLE, ACCUMULATED = (FIRST, TAIL), (LATER, TAIL)  # the parts that bound each kind of micro-batch
 
 TERMS = ("1", "B", "B*T", "B*T^2", "B*U", "B*T*U", "B*U^2")
+HOTWORD_TERMS = ("N", "N*L", "B*N", "B*N*U")  # SeACo: N hotword rows of L tokens
 
 
-def features(b, t, u) -> np.ndarray:
-    """Rows of the design matrix, for scalars or arrays of equal length."""
+def features(b, t, u, n=None, l=None) -> np.ndarray:  # noqa: E741 - L, as in the docstring
+    """Rows of the design matrix, for scalars or arrays of equal length; with `n` and `l` (SeACo's
+    hotword rows and tokens) the HOTWORD_TERMS too."""
     b, t, u = (np.asarray(x, dtype=float) for x in (b, t, u))
-    return np.stack(np.broadcast_arrays(np.ones_like(b), b, b * t, b * t * t, b * u, b * t * u, b * u * u), axis=-1)
+    cols = [np.ones_like(b), b, b * t, b * t * t, b * u, b * t * u, b * u * u]
+    if n is not None:
+        n, l = np.asarray(n, dtype=float), np.asarray(l, dtype=float)
+        cols += [n, n * l, b * n, b * n * u]
+    return np.stack(np.broadcast_arrays(*cols), axis=-1)
+
+
+def hotword_shapes(b, u, sampling: dict) -> tuple[np.ndarray, np.ndarray]:
+    """`paratune.memory.trace.hotword_shape` for arrays: the most hotword rows N and tokens L the
+    sampling (a HotwordSampling's fields) can give batches of B utterances of U tokens."""
+    b, u = np.asarray(b, dtype=float), np.asarray(u, dtype=float)
+    lo, hi = sampling["min_length"], sampling["max_length"]
+    some = (u >= lo) & (sampling["sample_rate"] > 0)
+    per = np.where((sampling["double_rate"] > 0) & (u > hi + lo + 2), 2.0, 1.0)
+    return np.where(some, per * b + 1, 1.0), np.where(some, np.maximum(1.0, np.minimum(hi, u)), 1.0)
 
 
 @dataclass
@@ -67,6 +93,9 @@ class MemoryModel:
     holdout: list[dict] = field(default_factory=list)
     calibration: dict | None = None
     parts: list[int] = field(default_factory=list)  # per kept stage: FIRST, LATER or TAIL
+    # SeACo: the hotword sampling (HotwordSampling's fields) whose most rows and tokens a shape is
+    # predicted with; the coefficients then run over TERMS + HOTWORD_TERMS. None: no hotwords
+    hotwords: dict | None = None
     # a fit over a wider range that predicts the shapes past this one's (the plan's outliers); not stored
     beyond: MemoryModel | None = field(default=None, repr=False, compare=False)
 
@@ -75,23 +104,35 @@ class MemoryModel:
         """The least any step needs: resident bytes plus every gradient (at the optimizer step)."""
         return self.static_forward + self.resident["gradients"]
 
-    def peaks(self, b, t, u, later: bool = False) -> np.ndarray:
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return TERMS + (HOTWORD_TERMS if self.hotwords else ())
+
+    def words(self, b, u) -> tuple[np.ndarray, np.ndarray] | None:
+        """SeACo: the most hotword rows N and tokens L the sampling can give (B, U) batches; else None."""
+        return hotword_shapes(b, u, self.hotwords) if self.hotwords else None
+
+    def peaks(self, b, t, u, later: bool = False, words=None) -> np.ndarray:
         """Predicted peak bytes for arrays of batch shapes (vectorised): of a step of one micro-batch,
-        or (`later`) of a micro-batch after the first of an accumulated or split step. Past the fitted
-        range the quadratic is an extrapolation: the prediction is never below the range's edge, which
-        the step's true peak (growing with T and U) is not below either; `beyond`, where set, predicts there."""
-        raw = self._peaks(b, t, u, later)
+        or (`later`) of a micro-batch after the first of an accumulated or split step. SeACo: with the
+        most hotwords the sampling can draw for each shape (an upper bound over the draws), or with
+        `words` = (N, L). Past the fitted range the quadratic is an extrapolation: the prediction is
+        never below the range's edge, which the step's true peak (growing with T and U) is not below
+        either; `beyond`, where set, predicts there."""
+        if self.hotwords and words is None:
+            words = self.words(b, u)
+        raw = self._peaks(b, t, u, later, words)
         t, u = np.asarray(t), np.asarray(u)
         past = (t > self.max_frames) | (u > self.max_tokens)
         if not self.max_frames or not past.any():
             return raw
-        edge = self._peaks(b, np.minimum(t, self.max_frames), np.minimum(u, self.max_tokens), later)
-        other = raw if self.beyond is None else self.beyond.peaks(b, t, u, later)
+        edge = self._peaks(b, np.minimum(t, self.max_frames), np.minimum(u, self.max_tokens), later, words)
+        other = raw if self.beyond is None else self.beyond.peaks(b, t, u, later, words)
         out = np.where(past, np.maximum(edge, other), raw)
         return float(out) if out.ndim == 0 else out
 
-    def _peaks(self, b, t, u, later: bool) -> np.ndarray:
-        f = features(b, t, u)
+    def _peaks(self, b, t, u, later: bool, words=None) -> np.ndarray:
+        f = features(b, t, u, *(words if self.hotwords else (None, None)))
         use = [j for j, p in enumerate(self.parts) if p in (ACCUMULATED if later else SINGLE)]
         coef, grads = np.asarray(self.coef)[use].T, np.asarray(self.gradients, dtype=float)[use]
         if f.ndim == 1:
@@ -101,12 +142,13 @@ class MemoryModel:
             out[i:i + 4096] = (f[i:i + 4096] @ coef + grads).max(axis=1)
         return self.static_forward + np.maximum(out, 0.0)
 
-    def peak(self, b: int, t: int, u: int, later: bool = False) -> int:
-        return int(round(float(self.peaks(b, t, u, later))))
+    def peak(self, b: int, t: int, u: int, later: bool = False, words=None) -> int:
+        return int(round(float(self.peaks(b, t, u, later, words))))
 
     def step_peak(self, shapes) -> int:
-        """A step whose micro-batches have these (B, T, U), in order (accumulation, or a split)."""
-        return max(self.peak(*s, later=i > 0) for i, s in enumerate(shapes))
+        """A step whose micro-batches have these (B, T, U) (SeACo: or (B, T, U, N, L)), in order
+        (accumulation, or a split)."""
+        return max(self.peak(*s[:3], later=i > 0, words=tuple(s[3:]) or None) for i, s in enumerate(shapes))
 
     @property
     def worst_holdout_error(self) -> float:
@@ -116,20 +158,24 @@ class MemoryModel:
         return max_frames <= self.max_frames and max_tokens <= self.max_tokens
 
     def to_dict(self) -> dict:
-        return {"format": 1, "key": self.key, "options": self.options, "terms": list(TERMS),
+        return {"format": 1, "key": self.key, "options": self.options, "terms": list(self.terms),
                 "resident": self.resident, "static_forward": self.static_forward,
                 "gradients": self.gradients, "coef": self.coef, "max_frames": self.max_frames,
                 "max_tokens": self.max_tokens, "probes": self.probes, "holdout": self.holdout,
-                "calibration": self.calibration, "parts": self.parts}
+                "calibration": self.calibration, "parts": self.parts, "hotwords": self.hotwords}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemoryModel":
-        if d.get("format") != 1 or list(d.get("terms", [])) != list(TERMS):
+        hotwords = d.get("hotwords")
+        if d.get("format") != 1 or list(d.get("terms", [])) != list(TERMS + (HOTWORD_TERMS if hotwords else ())):
             raise ValueError("not a paratune memory model (format 1)")
+        if hotwords is not None:
+            hotwords = dataclasses.asdict(HotwordSampling(**hotwords))  # its fields, or a TypeError
         return cls(resident=d["resident"], static_forward=d["static_forward"], gradients=list(d["gradients"]),
                    coef=[list(c) for c in d["coef"]], max_frames=d["max_frames"], max_tokens=d["max_tokens"],
                    options=d.get("options", {}), key=d.get("key", ""), probes=d.get("probes", []),
-                   holdout=d.get("holdout", []), calibration=d.get("calibration"), parts=list(d["parts"]))
+                   holdout=d.get("holdout", []), calibration=d.get("calibration"), parts=list(d["parts"]),
+                   hotwords=hotwords)
 
 
 def probe_shapes(max_frames: int, max_tokens: int, batch: int) -> list[tuple[int, int, int]]:
@@ -144,6 +190,35 @@ def probe_shapes(max_frames: int, max_tokens: int, batch: int) -> list[tuple[int
                (max(1, batch // 2), max(8, 2 * max_frames // 3), min(max(1, max_tokens // 2), max_frames)),
                (1, ts[1], min(us[0], ts[1]))]
     return list(dict.fromkeys(shapes))
+
+
+def hotword_probes(max_frames: int, max_tokens: int, batch: int, sampling: HotwordSampling):
+    """SeACo's extra probes, (B, T, U, N, L): at a few (B, U), up to four times the probe batch, the
+    [sos] entry alone, the most hotwords the sampling can draw, and about half as many rows of half as
+    many tokens. The hotword tensors do not depend on T: the probes are short."""
+    t = max(8, max_frames // 10)
+    us = sorted({max(1, max_tokens // 10), max(1, max_tokens // 3), max_tokens})
+    out = []
+    for b, u in [(batch, us[0]), (batch, us[1]), (batch, us[2]), (max(1, batch // 2), us[1]), (4 * batch, us[2])]:
+        u = min(u, t)
+        n, width = hotword_shape(b, u, sampling)
+        out += [(b, t, u, 1, 1), (b, t, u, n, width), (b, t, u, (n + 1) // 2, max(1, (width + 1) // 2))]
+    return list(dict.fromkeys(out))
+
+
+def _hotword_coef(shapes: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Each stage's HOTWORD_TERMS coefficients, from the probes' bytes over the same (B, T, U) with the
+    [sos] entry alone: what the hotwords add is fitted apart from everything else, so that a stage the
+    hotword tensors never live in gets none (an error there grows as B x N, up to 2 B^2)."""
+    index = {tuple(s): i for i, s in enumerate(shapes.tolist())}
+    rows, diffs = [], []
+    for i, (b, t, u, n, l) in enumerate(shapes.tolist()):  # noqa: E741
+        ref = index.get((b, t, u, 1.0, 1.0))
+        if ref is not None and (n, l) != (1.0, 1.0):
+            rows.append(features(b, t, u, n, l)[len(TERMS):] - features(b, t, u, 1, 1)[len(TERMS):])
+            diffs.append(table[i] - table[ref])
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(diffs), rcond=None)
+    return coef.T  # (stages, 4)
 
 
 def _stage_table(traces) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -191,25 +266,44 @@ def fit(tracer: StepTracer, max_frames: int, max_tokens: int, holdout: int = 0, 
     per_utterance = max(1, one.part_peak((FIRST,)) - static_forward)
     batch = int(min(4096, max(1, math.ceil(2 * static_step / per_utterance))))
 
+    sampling = tracer.hotwords  # SeACo: shapes are (B, T, U, N, L)
     shapes = probe_shapes(max_frames, max_tokens, batch)
-    traces = tracer.trace_many(shapes)
-    stages, table = _stage_table(traces)
-    x = features(*np.array(shapes, dtype=float).T)
-    coef, *_ = np.linalg.lstsq(x, table - static_forward, rcond=None)  # one column per stage
-    coef = coef.T
+    if sampling is None:
+        traces = tracer.trace_many(shapes)
+        stages, table = _stage_table(traces)
+        coef, *_ = np.linalg.lstsq(features(*np.array(shapes, dtype=float).T), table - static_forward, rcond=None)
+        coef = coef.T  # one row per stage
+    else:
+        # the base terms from the probes with the [sos] entry alone, the hotword terms from the differences
+        base = [(*s, 1, 1) for s in shapes]
+        shapes = list(dict.fromkeys(base + hotword_probes(max_frames, max_tokens, batch, sampling)))
+        traces = tracer.trace_many(shapes)
+        stages, table = _stage_table(traces)
+        hot = _hotword_coef(np.array(shapes, dtype=float), table)
+        coef, *_ = np.linalg.lstsq(features(*np.array(base, dtype=float)[:, :3].T), table[:len(base)] - static_forward,
+                                   rcond=None)
+        coef = np.hstack([coef.T, hot])
+        # features at (N, L) = (1, 1) hold the hotword terms once: the base coefficients already count them
+        for term, hot_term in (("1", "N"), ("1", "N*L"), ("B", "B*N"), ("B*U", "B*N*U")):
+            coef[:, TERMS.index(term)] -= coef[:, len(TERMS) + HOTWORD_TERMS.index(hot_term)]
 
     rng = np.random.default_rng(seed)
     grid = np.column_stack([rng.integers(1, 2 * batch + 1, 4000), rng.integers(8, max_frames + 1, 4000),
                             rng.integers(1, max_tokens + 1, 4000)]).astype(float)
     grid[:, 2] = np.minimum(grid[:, 2], grid[:, 1])
+    if sampling is not None:  # the most hotwords, and any fewer
+        n, l = hotword_shapes(grid[:, 0], grid[:, 2], dataclasses.asdict(sampling))  # noqa: E741
+        fewer = np.column_stack([grid[:, :3], np.ceil(rng.random(len(grid)) * n), np.ceil(rng.random(len(grid)) * l)])
+        grid = np.vstack([np.column_stack([grid, n, l]), fewer])
     keep = _keep_stages(stages, coef, np.vstack([grid, np.array(shapes, dtype=float)]))
     model = MemoryModel(resident=resident, static_forward=static_forward,
                         gradients=[int(stages[j][0]) for j in keep], coef=[[float(c) for c in coef[j]] for j in keep],
                         max_frames=max_frames, max_tokens=max_tokens, options=tracer.options.to_dict(), key=key,
-                        parts=[int(stages[j][1]) for j in keep])
+                        parts=[int(stages[j][1]) for j in keep],
+                        hotwords=None if sampling is None else dataclasses.asdict(sampling))
     for s, tr in zip(shapes, traces):
-        model.probes.append({"batch": s[0], "frames": s[1], "tokens": s[2], "peak": tr.single,
-                             "predicted": model.peak(*s)})
+        model.probes.append({"batch": s[0], "frames": s[1], "tokens": s[2], **_words(s), "peak": tr.single,
+                             "predicted": model.step_peak([s])})
 
     held = random_shapes(holdout, 2 * batch, max_frames, max_tokens, seed)
     for (b, t, u), traced in zip(held, tracer.trace_many(held)):
@@ -218,6 +312,11 @@ def fit(tracer: StepTracer, max_frames: int, max_tokens: int, holdout: int = 0, 
             model.holdout.append({"batch": b, "frames": t, "tokens": u, "later": later, "peak": real,
                                   "predicted": pred, "error": (pred - real) / real})
     return model
+
+
+def _words(shape) -> dict:
+    """A probe's hotword rows and tokens (SeACo), for its record."""
+    return {"hotwords": shape[3], "hotword_tokens": shape[4]} if len(shape) > 3 else {}
 
 
 def random_shapes(n: int, max_batch: int, max_frames: int, max_tokens: int, seed: int = 0):
@@ -231,8 +330,8 @@ def random_shapes(n: int, max_batch: int, max_frames: int, max_tokens: int, seed
 
 
 def fit_for(config: dict, vocab: int, input_size: int, options: StepOptions, max_frames: int, max_tokens: int,
-            holdout: int = 0) -> MemoryModel:
-    return fit(StepTracer(config, vocab, input_size, options), max_frames, max_tokens, holdout)
+            holdout: int = 0, hotwords: HotwordSampling | None = None) -> MemoryModel:
+    return fit(StepTracer(config, vocab, input_size, options, hotwords=hotwords), max_frames, max_tokens, holdout)
 
 
 def cache_dir() -> Path:
@@ -286,11 +385,13 @@ def pick_fit(fits: list[MemoryModel], max_frames: int, max_tokens: int) -> Memor
 
 
 def load_or_fit(config: dict, vocab: int, input_size: int, options: StepOptions, max_frames: int,
-                max_tokens: int, holdout: int = 2, cache: Path | None = None, log=None) -> tuple[MemoryModel, bool]:
+                max_tokens: int, holdout: int = 2, cache: Path | None = None, log=None,
+                hotwords: HotwordSampling | None = None) -> tuple[MemoryModel, bool]:
     """The cached fit for this model config and these options that suits the range (`pick_fit`), else
-    a new fit, cached beside the others. Returns (model, was_cached)."""
+    a new fit, cached beside the others. `hotwords`: a SeACo run's hotword sampling (default: the one
+    `config` gives, see `paratune.memory.trace.hotword_bound`). Returns (model, was_cached)."""
     cache = cache_dir() if cache is None else Path(cache)
-    key = fit_key(config, vocab, input_size, options)
+    key = fit_key(config, vocab, input_size, options, hotwords)
     model = pick_fit(cached_fits(cache, key), max_frames, max_tokens)
     if model is not None:
         return model, True
@@ -298,7 +399,7 @@ def load_or_fit(config: dict, vocab: int, input_size: int, options: StepOptions,
     if log:
         log(f"fitting the memory model ({options.precision}, checkpointing "
             f"{'on' if options.checkpointing else 'off'}) up to {frames} frames, {tokens} tokens")
-    model = fit(StepTracer(config, vocab, input_size, options), frames, tokens, holdout=holdout,
+    model = fit(StepTracer(config, vocab, input_size, options, hotwords=hotwords), frames, tokens, holdout=holdout,
                 key=entry_key(key, frames, tokens))
     try:
         cache.mkdir(parents=True, exist_ok=True)

@@ -4,14 +4,17 @@ plan` reports what it decides, and `paratune finetune` trains with it, from the 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from paratune.data.hotwords import HotwordSampling
 from paratune.data.manifest import Lengths
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
 from paratune.memory.estimate import MemoryModel, load_or_fit
+from paratune.memory.trace import hotword_bound
 from paratune.train.lora import DEFAULT_TARGETS
 from paratune.train.step import StepOptions
 
@@ -97,6 +100,20 @@ def step_options(config: dict, device: str, world_size: int = 1, fsdp: bool = Fa
                        ddp=world_size > 1 and not fsdp, device=device, lora_r=r,
                        lora_targets=tuple(lora["targets"] or DEFAULT_TARGETS) if r else (),
                        lora_dropout=float(lora["dropout"]) if r else 0.05)
+
+
+def run_hotwords(model_config: dict, config: dict) -> HotwordSampling | None:
+    """The hotword sampling a run of this model with this configuration trains with (SeACo; None for the
+    other models): the run's `dataset_conf` hotword keys, the model's NO_BIAS."""
+    return hotword_bound({**model_config, "dataset_conf": config["dataset_conf"]})
+
+
+def with_hotwords(model: MemoryModel, sampling: HotwordSampling | None) -> MemoryModel:
+    """The fit predicting with the most hotwords `sampling` can draw. A SeACo fit is a function of the
+    hotword rows and tokens (N, L) too, so a fit made with another sampling predicts this one's as well."""
+    if not model.hotwords or sampling is None or model.hotwords == dataclasses.asdict(sampling):
+        return model
+    return dataclasses.replace(model, hotwords=dataclasses.asdict(sampling))
 
 
 def planned_frames(lengths: Lengths, config: dict) -> np.ndarray:
@@ -191,12 +208,14 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
         raise PlanError("--fsdp shards over ranks: give --world-size 2 or more (under torchrun, --nproc-per-node)")
     dc, mc, tc = config["dataset_conf"], config["memory"], config["train_conf"]
     frames, accum = planned_frames(lengths, config), max(1, int(tc["accum_grad"]))
-    fit = fit or (lambda o, t, u: load_or_fit(spec.config, spec.vocab_size, spec.input_size, o, t, u, log=log)[0])
+    hotwords = run_hotwords(spec.config, config)
+    fit = fit or (lambda o, t, u: load_or_fit(spec.config, spec.vocab_size, spec.input_size, o, t, u, log=log,
+                                              hotwords=hotwords)[0])
     bounds = bucket_boundaries(int(frames.max()), dc["buckets"]) if dc["buckets"] else None
     padded = np.asarray(bounds)[np.searchsorted(bounds, frames)] if bounds else frames
 
     def limit_for(options: StepOptions, t: int, u: int) -> Limit:
-        model = fit(options, t, u)
+        model = with_hotwords(fit(options, t, u), hotwords)
         if fsdp:  # per rank: sharded parameters, gradients, optimizer state
             import torch
 
@@ -287,6 +306,7 @@ class Plan:
             "calibrated": self.limit.calibrated,
             "scale": self.limit.scale,
             "static_bytes": m.static_step,
+            "hotwords": m.hotwords,
             "world_size": self.world_size,
             "accum_grad": self.run.accum,
             "padding_waste": self.padding_waste(),
@@ -365,6 +385,11 @@ def summary(plan: Plan) -> str:
         f" ({100 * (peaks.mean() if len(peaks) else 0) / plan.budget:.1f} % of the budget)",
         f"padding waste {100 * plan.padding_waste():.1f} % of padded frames",
     ]
+    if m.hotwords:
+        h = m.hotwords
+        lines.append(f"hotwords (SeACo): each batch predicted with the most its sampling can draw, "
+                     f"{'two' if h['double_rate'] > 0 else 'one'} per utterance of up to {h['max_length']} tokens "
+                     "and the [sos] entry: an upper bound over the draws")
     if plan.excluded:
         lines.append(f"{len(plan.excluded)} utterances cannot fit even alone:")
         lines += [f"  {e['key']} ({e['origin']}): {e['reason']}" for e in plan.excluded[:10]]
