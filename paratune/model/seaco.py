@@ -30,11 +30,13 @@ class SeacoParaformer(BiCifParaformer):
         super().__init__(vocab_size, input_size, encoder_conf, decoder_conf, predictor_conf, **paraformer)
         if bias_encoder_type != "lstm":
             raise ValueError(f"bias_encoder_type {bias_encoder_type!r} is not supported (supported: lstm)")
+        if bias_encoder_bid:  # a two-way LSTM would read each hotword's padding backwards: it needs packing,
+            # which reads the lengths on the host (no fake-tensor trace, no memory model); the published model is one-way
+            raise ValueError("bias_encoder_bid: true is not supported (paratune's bias encoder is one-way, as "
+                             "paraformer-zh's)")
         if not 0 <= NO_BIAS < vocab_size:
             raise ValueError(f"NO_BIAS {NO_BIAS} is not a token id (the vocabulary has {vocab_size})")
-        self.bias_encoder = nn.LSTM(inner_dim, inner_dim, 2, batch_first=True, dropout=bias_encoder_dropout_rate,
-                                    bidirectional=bias_encoder_bid)
-        self.lstm_proj = nn.Linear(inner_dim * 2, inner_dim) if bias_encoder_bid else None
+        self.bias_encoder = nn.LSTM(inner_dim, inner_dim, 2, batch_first=True, dropout=bias_encoder_dropout_rate)
         self.seaco_decoder = ParaformerSANMDecoder(vocab_size, inner_dim, **seaco_decoder_conf)
         self.hotword_output_layer = nn.Linear(inner_dim, vocab_size)
         self.seaco_lsm_weight, self.seaco_length_normalized_loss = seaco_lsm_weight, seaco_length_normalized_loss
@@ -49,13 +51,7 @@ class SeacoParaformer(BiCifParaformer):
         """(N, L) token ids, (N,) lengths -> (N, inner_dim): the bias encoder's state at each hotword's
         last token. A one-way LSTM's state there does not depend on the padding after it, so the padded
         batch is run as it is (no packing: no lengths read to the host, and a fake-tensor trace runs it)."""
-        x = self.decoder.embed(hotword_pad)
-        if self.lstm_proj is not None:  # a two-way LSTM reads the padding backwards: pack it out
-            x = nn.utils.rnn.pack_padded_sequence(x, hotword_lengths.cpu().long(), batch_first=True,
-                                                  enforce_sorted=False)
-            x = self.lstm_proj(nn.utils.rnn.pad_packed_sequence(self.bias_encoder(x)[0], batch_first=True)[0])
-        else:
-            x = self.bias_encoder(x)[0]
+        x = self.bias_encoder(self.decoder.embed(hotword_pad))[0]
         return x[torch.arange(x.size(0), device=x.device), hotword_lengths.long() - 1]
 
     def attend(self, vectors: torch.Tensor, acoustic_embeds, decoder_hidden, lengths) -> torch.Tensor:
