@@ -1,16 +1,20 @@
 """Hotword recall (issue 14): does giving a SeACo-Paraformer a word as a hotword make it say that word?
 
-    python benchmarks/hotword_recall.py [--split speaker|fsdd] [--train N] [--test N] [--epochs E1,E2]
-                                        [--snr A,B,...] [--stage1 DIR] [--keep DIR]
+    python benchmarks/hotword_recall.py [--split fsdd|speaker] [--train N] [--extra N] [--test N] [--epochs E1,E2]
+                                        [--lr2 LR] [--warmup2 STEPS] [--snr A,B,...] [--stage1 DIR] [--keep DIR]
+
+Defaults: --split fsdd --train 900 --extra 1200 --test 120 --epochs 20,16 --lr2 0.002 --warmup2 400 --snr 10,0.
 
 Data (../shared/data/fsdd, or $PARATUNE_SHARED_DATA/fsdd): "phone numbers" of 3-5 digits, each made of
-one speaker's FSDD clips joined by 0.05-0.2 s of silence (transcript "381"). `--split speaker` (default):
-george, jackson and lucas train, nicolas is the test; `--split fsdd`: FSDD's own split, recordings 0-4 of
-every speaker for the test, 5-49 for training. Training: `--train` utterances plus the training clips as
-single digits, every 10th held out for validation. Test: `--test` utterances per target word plus as
-many with none of them; each target word ("3 8", "6 1", "2 9 5") is said at a random place in its
-utterances, and no utterance holds a target word it was not built for. The test set is decoded clean
-and with white noise at each `--snr` (dB, against the speech's power).
+one speaker's FSDD clips joined by 0.05-0.2 s of silence (transcript "381"). `--split fsdd` (default):
+FSDD's own split, recordings 0-4 of every speaker for the test, 5-49 for training; `--split speaker`:
+george, jackson and lucas train, nicolas is the test. Training: `--train` utterances plus the training
+clips as single digits, every 10th held out for validation; stage 2 trains on that set's multi-digit
+utterances plus `--extra` more, made from the same training recordings with their own generator.
+Test: `--test` utterances per target word plus as many with none of them; each target word ("3 8",
+"6 1", "2 9 5") is said at a random place in its utterances, and no utterance holds a target word it
+was not built for. The test set is decoded clean and with white noise at each `--snr` (dB, against the
+speech's power).
 
 Model (built from examples/fsdd/model's sizes, tokens 0-9 plus a NO_BIAS token "<nobias>"):
 1. a BiCifParaformer (SeACo's encoder, decoder and CifPredictorV3) trained from scratch with `paratune
@@ -19,15 +23,19 @@ Model (built from examples/fsdd/model's sizes, tokens 0-9 plus a NO_BIAS token "
    head, freshly initialised with seed 0, to the trained weights: a SeACo model's loss does not train the
    predictor, so it is not trained from scratch, as FunASR's is fine-tuned from a Paraformer), then
    `paratune finetune --freeze encoder. predictor. decoder.` with hotwords sampled from the transcripts
-   (paratune's default for SeACo). Only the hotword parts train, so without hotwords the model decodes
-   exactly as stage 1 did: the "no hotword" columns are the baseline. `--stage1 DIR` starts stage 2 from
+   (paratune's default for SeACo), at peak learning rate `--lr2` after `--warmup2` steps (warmuplr).
+   Only the hotword parts train, so without hotwords the model decodes exactly as stage 1 did: the "no
+   hotword" columns are the baseline. `--stage1 DIR` starts stage 2 from
    an earlier run's stage-1 model (e.g. `--keep`'s exp1/final) instead of training one.
 
 Evaluation: `paratune transcribe --model final` without hotwords, then once per target word with a
 hotword file holding that word (one line, "3 8"). Per target word and SNR: recall (the word's
 utterances whose hypothesis holds the word's digits in a row), false alarms (the other utterances whose
 hypothesis holds them), and the token error rate over all test utterances, each without and with the
-hotword. Seeds are fixed; training uses one thread (OMP_NUM_THREADS=1).
+hotword. And the paired counts: of the word's utterances, how many the hotword turned from a miss into
+a hit and from a hit into a miss, with an exact two-sided sign test (McNemar's exact test) of the two;
+of the others, how many false alarms it added and removed. Seeds are fixed; training uses one thread
+(OMP_NUM_THREADS=1).
 """
 from __future__ import annotations
 
@@ -113,7 +121,7 @@ def test_transcripts(rng: random.Random, per_word: int) -> list[tuple[str, str]]
     return out
 
 
-def build_data(tmp: Path, n_train: int, per_word: int, snrs: list[float]) -> dict:
+def build_data(tmp: Path, n_train: int, per_word: int, snrs: list[float], n_extra: int = 0) -> dict:
     rng = random.Random(14)
     clips = load_clips(test=False)
     speakers = sorted({k[0] for k in clips})
@@ -132,6 +140,18 @@ def build_data(tmp: Path, n_train: int, per_word: int, snrs: list[float]) -> dic
             (tmp / "train" / p.name).symlink_to(p)
             lines.append(f"{p.name}\t{digit}\n")
     (tmp / "train.tsv").write_text("".join(lines))
+    # stage 2 only: more multi-digit utterances of the training recordings (their own generator, so the
+    # stage-1 data and the test set do not depend on how many)
+    extra_rng, extra = random.Random(1414), []
+    (tmp / "extra").mkdir()
+    for i in range(n_extra):
+        speaker = speakers[i % len(speakers)]
+        digits = random_digits(extra_rng, extra_rng.randint(3, 5))
+        wave, _ = join(clips, speaker, digits, extra_rng)
+        name = f"x{speaker}_{i:05d}"
+        sf.write(tmp / "extra" / f"{name}.wav", wave, 8000)
+        extra.append(f"{name}.wav\t{digits}\n")
+    (tmp / "extra.tsv").write_text("".join(extra))
 
     clips = load_clips(test=True)
     speakers = sorted({k[0] for k in clips})
@@ -248,7 +268,26 @@ def scores(refs: dict, hyps: dict, target: str) -> dict:
             "n_pos": len(pos), "n_neg": len(neg)}
 
 
-def train(tmp: Path, epochs: tuple[int, int], env, log, stage1: Path | None = None) -> tuple[Path, dict]:
+def flips(refs: dict, plain: dict, biased: dict, target: str, positive: bool) -> tuple[int, int]:
+    """(wrong -> right, right -> wrong) from no hotword to the hotword: on the word's utterances "right"
+    is a hit (the word in the hypothesis); on the others (positive False) it is a false alarm."""
+    keys = [k for k, r in refs.items() if (r["target"] == target if positive else target not in r["ref"])]
+    a = [target in plain.get(k, "") for k in keys]
+    b = [target in biased.get(k, "") for k in keys]
+    return sum(y and not x for x, y in zip(a, b)), sum(x and not y for x, y in zip(a, b))
+
+
+def sign_p(up: int, down: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test) of `up` against `down` discordant pairs."""
+    from math import comb
+    n = up + down
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, k) for k in range(min(up, down) + 1)) / 2 ** n)
+
+
+def train(tmp: Path, epochs: tuple[int, int], env, log, stage1: Path | None = None, lr2: float = 0.002,
+          warmup2: int = 40) -> tuple[Path, dict]:
     data = tmp / "data"
     paratune("prepare", tmp / "train", "--transcripts", tmp / "train.tsv", "--model", ROOT / "examples" / "fsdd" / "model",
              "--output", data, env=env, log=log)
@@ -256,10 +295,13 @@ def train(tmp: Path, epochs: tuple[int, int], env, log, stage1: Path | None = No
     (data / "fit.jsonl").write_text("".join(r for i, r in enumerate(rows) if (i + 1) % 10 != 0))
     (data / "heldout.jsonl").write_text("".join(r for i, r in enumerate(rows) if (i + 1) % 10 == 0))
     common = ["--train", data / "fit.jsonl", "--valid", data / "heldout.jsonl", "--budget", "1GiB", "--seed", "0"]
-    # stage 2 learns from the utterances with hotwords to sample: the multi-digit ones
-    for name in ("fit",):
-        multi = [r for r in (data / f"{name}.jsonl").read_text().splitlines(keepends=True) if len(json.loads(r)["target"]) > 1]
-        (data / f"{name}_multi.jsonl").write_text("".join(multi))
+    # stage 2 learns from the utterances with hotwords to sample: the multi-digit ones, and the extra ones
+    multi = [r for r in (data / "fit.jsonl").read_text().splitlines(keepends=True) if len(json.loads(r)["target"]) > 1]
+    if (tmp / "extra.tsv").read_text():
+        paratune("prepare", tmp / "extra", "--transcripts", tmp / "extra.tsv", "--model",
+                 ROOT / "examples" / "fsdd" / "model", "--output", tmp / "data_extra", env=env, log=log)
+        multi += (tmp / "data_extra" / "data.jsonl").read_text().splitlines(keepends=True)
+    (data / "fit_multi.jsonl").write_text("".join(multi))
     times = {}
     if stage1 is None:
         stage1_dir(tmp / "model1")
@@ -276,14 +318,15 @@ def train(tmp: Path, epochs: tuple[int, int], env, log, stage1: Path | None = No
     paratune("finetune", "--model", tmp / "model2", "--output", tmp / "exp2", "--train", data / "fit_multi.jsonl",
              "--budget", "1GiB", "--seed", "0",
              "--freeze", "encoder.", "predictor.", "decoder.", f"++train_conf.max_epoch={epochs[1]}",
-             "++optim_conf.lr=0.002", "++scheduler_conf.warmup_steps=40", env=env, log=log)
+             f"++optim_conf.lr={lr2}", f"++scheduler_conf.warmup_steps={warmup2}", env=env, log=log)
     times["stage2"] = time.perf_counter() - start
     return tmp / "exp2" / "final", times
 
 
 def main() -> None:
     args = sys.argv[1:]
-    opts = {"--keep": None, "--stage1": None, "--split": "speaker", "--train": "900", "--test": "40", "--epochs": "20,30", "--snr": "10,0"}
+    opts = {"--keep": None, "--stage1": None, "--split": "fsdd", "--train": "900", "--extra": "1200", "--test": "120",
+            "--epochs": "20,16", "--lr2": "0.002", "--warmup2": "400", "--snr": "10,0"}
     while args[:1] and args[0] in opts and len(args) > 1:
         opts[args[0]] = args[1]
         args = args[2:]
@@ -300,8 +343,9 @@ def main() -> None:
     log = open(tmp / "run.log", "w")
     try:
         t0 = time.perf_counter()
-        refs = build_data(tmp, int(opts["--train"]), int(opts["--test"]), snrs)
-        model, times = train(tmp, epochs, env, log, Path(opts["--stage1"]) if opts["--stage1"] else None)
+        refs = build_data(tmp, int(opts["--train"]), int(opts["--test"]), snrs, int(opts["--extra"]))
+        model, times = train(tmp, epochs, env, log, Path(opts["--stage1"]) if opts["--stage1"] else None,
+                             float(opts["--lr2"]), int(opts["--warmup2"]))
         size = (model / "model.pt").stat().st_size
         results = []
         for cond in ["clean", *(f"snr{s:g}" for s in snrs)]:
@@ -311,7 +355,9 @@ def main() -> None:
                 hw = tmp / f"hotword_{target}.txt"
                 hw.write_text(" ".join(target) + "\n")
                 biased = transcribe(model, scp, env, log, hw)
-                results.append((cond, target, scores(refs, plain, target), scores(refs, biased, target)))
+                results.append((cond, target, scores(refs, plain, target), scores(refs, biased, target),
+                                flips(refs, plain, biased, target, True), flips(refs, plain, biased, target, False)))
+                (tmp / f"hyps_{cond}_{target}.json").write_text(json.dumps({"plain": plain, "biased": biased}))
         total = time.perf_counter() - t0
         train_rows = int(opts["--train"])
         split = (f"test speaker {TEST_SPEAKER}, the other three train" if SPLIT == "speaker" else
@@ -326,13 +372,26 @@ def main() -> None:
         print("| test audio | hotword | recall without | recall with | false alarms without | false alarms with "
               "| TER without | TER with |")
         print("|---|---|---|---|---|---|---|---|")
-        for cond, target, a, b in results:
+        for cond, target, a, b, _, _ in results:
             print(f"| {cond} | {' '.join(target)} | {100 * a['recall']:.1f} % | {100 * b['recall']:.1f} % "
                   f"| {100 * a['false_alarm']:.1f} % | {100 * b['false_alarm']:.1f} % "
                   f"| {100 * a['ter']:.1f} % | {100 * b['ter']:.1f} % |")
         n_pos, n_neg = results[0][2]["n_pos"], results[0][2]["n_neg"]
         print(f"\nrecall over {n_pos} utterances holding the word; false alarms over the {n_neg} without it; "
               f"TER over all {len(refs)}")
+        print("\n| test audio | hotword | hits: wrong -> right | hits: right -> wrong | sign test p "
+              "| false alarms: new | false alarms: gone |")
+        print("|---|---|---|---|---|---|---|")
+        tot = [0, 0, 0, 0]
+        for cond, target, _, _, (up, down), (fa_new, fa_gone) in results:
+            tot = [tot[0] + up, tot[1] + down, tot[2] + fa_new, tot[3] + fa_gone]
+            print(f"| {cond} | {' '.join(target)} | {up} | {down} | {sign_p(up, down):.2g} | {fa_new} | {fa_gone} |")
+        print(f"| all | all | {tot[0]} | {tot[1]} | {sign_p(tot[0], tot[1]):.2g} | {tot[2]} | {tot[3]} |")
+        hits = [sum(round(r[i]["recall"] * r[i]["n_pos"]) for r in results) for i in (2, 3)]
+        fas = [sum(round(r[i]["false_alarm"] * r[i]["n_neg"]) for r in results) for i in (2, 3)]
+        print(f"\nall cells: recall {hits[0]} -> {hits[1]} of {n_pos * len(results)} "
+              f"({100 * hits[0] / (n_pos * len(results)):.1f} % -> {100 * hits[1] / (n_pos * len(results)):.1f} %); "
+              f"false alarms {fas[0]} -> {fas[1]} of {n_neg * len(results)}")
         if opts["--keep"]:
             keep = Path(opts["--keep"])
             shutil.rmtree(keep, ignore_errors=True)
