@@ -24,15 +24,19 @@ inner_dim 256, its seaco decoder's FFN 1024 (6 attention blocks, FunASR's defaul
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from tests.model.reference import resized_config  # noqa: E402
+
 FAMILY = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "paraformer_family"
 INPUT, VOCAB = 560, 2000
 MAX_FRAMES, MAX_TOKENS, MAX_BATCH = 300, 60, 16
@@ -41,14 +45,11 @@ SHORT = [(48, 80, 30), (96, 50, 20), (160, 30, 14)]  # many short utterances: B 
 
 def family_config(name: str, d: int = 256, units: int = 1024, enc_blocks: int = 12, dec_blocks: int = 6,
                   vocab: int = VOCAB) -> dict:
-    """The family's config.yaml at other sizes (medium by default)."""
-    c = copy.deepcopy(yaml.safe_load((FAMILY / name / "config.yaml").read_text(encoding="utf-8")))
-    c["encoder_conf"].update(output_size=d, attention_heads=4, linear_units=units, num_blocks=enc_blocks)
-    c["decoder_conf"].update(attention_heads=4, linear_units=units, num_blocks=dec_blocks, att_layer_num=dec_blocks)
-    c["predictor_conf"]["idim"] = d
+    """The family's config.yaml at other sizes (medium by default), NO_BIAS the last token."""
+    c = resized_config(yaml.safe_load((FAMILY / name / "config.yaml").read_text(encoding="utf-8")), d, units,
+                       enc_blocks, dec_blocks, dec_blocks)
     if "seaco_decoder_conf" in c:
-        c["model_conf"].update(inner_dim=d, NO_BIAS=vocab - 1)
-        c["seaco_decoder_conf"].update(attention_heads=4, linear_units=units)
+        c["model_conf"]["NO_BIAS"] = vocab - 1
     return c
 
 

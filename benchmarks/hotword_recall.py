@@ -54,6 +54,8 @@ import numpy as np
 import soundfile as sf
 import yaml
 
+from paratune.train.metrics import edit_distance
+
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "fsdd"
 TEST_SPEAKER = "nicolas"
@@ -250,21 +252,12 @@ def transcribe(model: Path, scp: Path, env, log, hotword_file: Path | None = Non
     return hyps
 
 
-def edits(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
-
-
 def scores(refs: dict, hyps: dict, target: str) -> dict:
     pos = [k for k, r in refs.items() if r["target"] == target]
     neg = [k for k, r in refs.items() if target not in r["ref"]]
     return {"recall": sum(target in hyps.get(k, "") for k in pos) / len(pos),
             "false_alarm": sum(target in hyps.get(k, "") for k in neg) / len(neg),
-            "ter": sum(edits(r["ref"], hyps.get(k, "")) for k, r in refs.items()) / sum(len(r["ref"]) for r in refs.values()),
+            "ter": sum(edit_distance(r["ref"], hyps.get(k, "")) for k, r in refs.items()) / sum(len(r["ref"]) for r in refs.values()),
             "n_pos": len(pos), "n_neg": len(neg)}
 
 

@@ -3,7 +3,6 @@
 directory FunASR loads, and what paratune refuses it refuses with a one-line error."""
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shutil
@@ -19,7 +18,7 @@ import paratune
 from paratune.cli import main as cli_main
 from paratune.model.seaco import SeacoParaformer
 from paratune.modeldir import ModelDirError, read_model_dir
-from tests.model.reference import small_config
+from tests.model.reference import funasr_model, small_config
 
 KINDS = ("bicif", "seaco")
 FAMILY_CLASS = {"bicif": "BiCifParaformer", "seaco": "SeacoParaformer"}
@@ -42,28 +41,7 @@ def family_config(shared_data, kind: str, size: str = "small") -> dict:
     "small": SeACo's bias encoder and seaco decoder at the encoder's width, the seaco decoder's six
     attention blocks (att_layer_num's default; FunASR's hotword filter reads the sixth) kept."""
     config = yaml.safe_load((shared_data / "paraformer_family" / kind / "config.yaml").read_text(encoding="utf-8"))
-    if size == "small":
-        config = small_config(config)
-        if kind == "seaco":
-            config["model_conf"]["inner_dim"] = config["encoder_conf"]["output_size"]
-            config["seaco_decoder_conf"].update(attention_heads=4, linear_units=96)
-    return config
-
-
-def funasr_model(config: dict, vocab_size: int, input_size: int = 560):
-    """FunASR's model for a config, built as `AutoModel` builds it (model_conf's keys, then every
-    top-level key: SeacoParaformer reads seaco_decoder, seaco_decoder_conf from there)."""
-    import funasr.models.bicif_paraformer.cif_predictor  # noqa: F401 - registers the classes
-    import funasr.models.bicif_paraformer.model  # noqa: F401
-    import funasr.models.paraformer.decoder  # noqa: F401
-    import funasr.models.sanm.encoder  # noqa: F401
-    import funasr.models.seaco_paraformer.model  # noqa: F401
-    from funasr.register import tables
-
-    kwargs = copy.deepcopy(config.get("model_conf") or {})
-    kwargs.update(copy.deepcopy(config))
-    kwargs.update(vocab_size=vocab_size, input_size=input_size, frontend=None)
-    return tables.model_classes.get(config["model"])(**kwargs)
+    return small_config(config) if size == "small" else config
 
 
 def _model_dir_files(path: Path, large_dir: Path, config: dict) -> int:

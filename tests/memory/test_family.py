@@ -25,6 +25,7 @@ from paratune.memory.shard import shard_model, sharded_static
 from paratune.memory.trace import StepOptions, StepTracer, fit_key, hotword_bound, hotword_shape
 from paratune.memory.tracker import FIRST
 from paratune.model.build import build_paraformer
+from tests.model.reference import resized_config
 
 DEMO = Path(paratune.__file__).parent / "assets" / "demo_model"
 INPUT, VOCAB = 560, 100
@@ -41,15 +42,11 @@ def family(shared_data) -> Path:
 
 def sized(family: Path, name: str, d: int = 64, units: int = 96, enc: int = 3, dec: int = 3,
           vocab: int = VOCAB) -> dict:
-    """The family's config at small sizes (as tests/model/reference.py's small_config), SeACo's bias
-    encoder and seaco decoder at the encoder's width, NO_BIAS the last token."""
-    c = copy.deepcopy(yaml.safe_load((family / name / "config.yaml").read_text(encoding="utf-8")))
-    c["encoder_conf"].update(output_size=d, attention_heads=4, linear_units=units, num_blocks=enc)
-    c["decoder_conf"].update(attention_heads=4, linear_units=units, num_blocks=dec, att_layer_num=dec)
-    c["predictor_conf"]["idim"] = d
+    """The family's config at small sizes (tests/model/reference.py's resized_config), NO_BIAS the last token."""
+    c = resized_config(yaml.safe_load((family / name / "config.yaml").read_text(encoding="utf-8")), d, units, enc,
+                       dec, dec)
     if "seaco_decoder_conf" in c:
-        c["model_conf"].update(inner_dim=d, NO_BIAS=vocab - 1)
-        c["seaco_decoder_conf"].update(attention_heads=4, linear_units=units)
+        c["model_conf"]["NO_BIAS"] = vocab - 1
     return c
 
 

@@ -9,11 +9,16 @@ import yaml
 
 
 def resized_config(large_config: dict, d: int, units: int, enc_blocks: int, dec_blocks: int, att_layers: int) -> dict:
-    """The paraformer-large config with other widths and depths (same structure, 4 attention heads)."""
+    """A large config with other widths and depths (same structure, 4 attention heads). A SeACo config's
+    bias encoder and seaco decoder take the encoder's width; the seaco decoder keeps its attention
+    blocks (FunASR's hotword filter reads the sixth)."""
     c = copy.deepcopy(large_config)
     c["encoder_conf"].update(output_size=d, attention_heads=4, linear_units=units, num_blocks=enc_blocks)
     c["decoder_conf"].update(attention_heads=4, linear_units=units, num_blocks=dec_blocks, att_layer_num=att_layers)
     c["predictor_conf"]["idim"] = d
+    if "seaco_decoder_conf" in c:
+        c["model_conf"]["inner_dim"] = d
+        c["seaco_decoder_conf"].update(attention_heads=4, linear_units=units)
     return c
 
 
@@ -44,17 +49,6 @@ def funasr_paraformer(config: dict, vocab_size: int, input_size: int = 560):
         predictor=config["predictor"], predictor_conf=config["predictor_conf"],
         vocab_size=vocab_size, input_size=input_size, **config["model_conf"],
     )
-
-
-def family_small_config(family_config: dict) -> dict:
-    """A BiCif / SeACo config at small_config's sizes; SeACo's bias encoder and seaco decoder at the
-    encoder's width (its att_layer_num stays the default 6: FunASR's hotword filter reads block 6)."""
-    c = small_config(family_config)
-    if "seaco_decoder_conf" in c:
-        d = c["encoder_conf"]["output_size"]
-        c["model_conf"]["inner_dim"] = d
-        c["seaco_decoder_conf"].update(attention_heads=4, linear_units=96)
-    return c
 
 
 def funasr_model(config: dict, vocab_size: int, input_size: int = 560):

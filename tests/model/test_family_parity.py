@@ -24,7 +24,7 @@ import yaml
 
 from paratune.model import build_paraformer
 from paratune.model.timestamps import fire_weights
-from tests.model.reference import family_small_config, funasr_model, relative_error
+from tests.model.reference import funasr_model, relative_error, small_config
 from tests.model.test_parity import clips  # noqa: F401 - the padded batch of real clips (a fixture)
 
 TOL = 1e-4
@@ -48,7 +48,7 @@ def _close_scalar(name: str, ours, ref, tol: float = TOL):
 
 def _config(shared_data, family: str, size: str) -> dict:
     config = yaml.safe_load((shared_data / "paraformer_family" / family / "config.yaml").read_text(encoding="utf-8"))
-    return family_small_config(config) if size == "small" else config
+    return small_config(config) if size == "small" else config
 
 
 def _pair(config: dict, vocab: int, seed: int = 0):
