@@ -287,7 +287,7 @@ class StepTracer:
         if _fork_safe():
             _TRACER = self
             try:
-                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                with multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
                     return pool.starmap(_trace_in_worker, shapes, chunksize=1)
             finally:
                 _TRACER = None
@@ -314,6 +314,13 @@ _TRACER: StepTracer | None = None  # the tracer forked workers inherit
 def _fork_safe() -> bool:
     """Autograd runs a thread per accelerator once a backward has run; a forked child cannot use them."""
     return not torch.cuda.is_available() and os.environ.get("PARATUNE_TRACE_SPAWN") != "1"
+
+
+def _one_thread() -> None:
+    """A forked worker runs real LSTM kernels (`RnnWorkspace` measures their workspace): the parent's
+    OpenMP threads do not exist in the child, and a parallel region waits for them for ever. One thread
+    needs none (a fake step is pure Python anyway)."""
+    torch.set_num_threads(1)
 
 
 def _build_in_worker(config, vocab, input_size, options, fake, hotwords) -> None:
