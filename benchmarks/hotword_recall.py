@@ -123,19 +123,25 @@ def test_transcripts(rng: random.Random, per_word: int) -> list[tuple[str, str]]
     return out
 
 
+def write_numbers(folder: Path, prefix: str, n: int, clips: dict, speakers: list, rng: random.Random) -> list[str]:
+    """`n` utterances of 3-5 digits, the speakers in turn, written to `folder`: their TSV lines."""
+    folder.mkdir()
+    lines = []
+    for i in range(n):
+        speaker = speakers[i % len(speakers)]
+        digits = random_digits(rng, rng.randint(3, 5))
+        wave, _ = join(clips, speaker, digits, rng)
+        name = f"{prefix}{speaker}_{i:05d}"
+        sf.write(folder / f"{name}.wav", wave, 8000)
+        lines.append(f"{name}.wav\t{digits}\n")
+    return lines
+
+
 def build_data(tmp: Path, n_train: int, per_word: int, snrs: list[float], n_extra: int = 0) -> dict:
     rng = random.Random(14)
     clips = load_clips(test=False)
     speakers = sorted({k[0] for k in clips})
-    (tmp / "train").mkdir()
-    lines = []
-    for i in range(n_train):
-        speaker = speakers[i % len(speakers)]
-        digits = random_digits(rng, rng.randint(3, 5))
-        wave, _ = join(clips, speaker, digits, rng)
-        name = f"{speaker}_{i:05d}"
-        sf.write(tmp / "train" / f"{name}.wav", wave, 8000)
-        lines.append(f"{name}.wav\t{digits}\n")
+    lines = write_numbers(tmp / "train", "", n_train, clips, speakers, rng)
     for p in sorted(FSDD.glob("*_*_*.wav")):  # and the training speakers' single digits as they are
         digit, speaker, index = p.stem.split("_")
         if in_split(speaker, index, test=False):
@@ -144,15 +150,7 @@ def build_data(tmp: Path, n_train: int, per_word: int, snrs: list[float], n_extr
     (tmp / "train.tsv").write_text("".join(lines))
     # stage 2 only: more multi-digit utterances of the training recordings (their own generator, so the
     # stage-1 data and the test set do not depend on how many)
-    extra_rng, extra = random.Random(1414), []
-    (tmp / "extra").mkdir()
-    for i in range(n_extra):
-        speaker = speakers[i % len(speakers)]
-        digits = random_digits(extra_rng, extra_rng.randint(3, 5))
-        wave, _ = join(clips, speaker, digits, extra_rng)
-        name = f"x{speaker}_{i:05d}"
-        sf.write(tmp / "extra" / f"{name}.wav", wave, 8000)
-        extra.append(f"{name}.wav\t{digits}\n")
+    extra = write_numbers(tmp / "extra", "x", n_extra, clips, speakers, random.Random(1414))
     (tmp / "extra.tsv").write_text("".join(extra))
 
     clips = load_clips(test=True)

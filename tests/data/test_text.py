@@ -67,14 +67,19 @@ FLAVOURS = {
 }
 
 
+def _random_sequence(rng: random.Random, pools: dict, i: int) -> list[str]:
+    """0-14 tokens of case i's flavour (Chinese, English or mixed, in turn)."""
+    flavour = FLAVOURS[list(FLAVOURS)[i % 3]]
+    names, weights = zip(*flavour.items())
+    return [rng.choice(pools[rng.choices(names, weights)[0]]) for _ in range(rng.randint(0, 14))]
+
+
 def test_random_token_sequences(reference, vocab):
     pools = _pools(vocab)
     rng = random.Random(20240611)
     mismatches = []
     for i in range(3000):
-        flavour = FLAVOURS[list(FLAVOURS)[i % 3]]
-        names, weights = zip(*flavour.items())
-        seq = [rng.choice(pools[rng.choices(names, weights)[0]]) for _ in range(rng.randint(0, 14))]
+        seq = _random_sequence(rng, pools, i)
         if sentence_postprocess(seq) != reference(seq):
             mismatches.append((seq, sentence_postprocess(seq), reference(seq)))
     assert not mismatches, mismatches[:5]
@@ -144,9 +149,7 @@ def test_random_token_sequences_with_timestamps(reference_with_timestamps, vocab
     rng = random.Random(20240612)
     outcomes = []
     for i in range(3000):
-        flavour = FLAVOURS[list(FLAVOURS)[i % 3]]
-        names, weights = zip(*flavour.items())
-        seq = [rng.choice(pools[rng.choices(names, weights)[0]]) for _ in range(rng.randint(0, 14))]
+        seq = _random_sequence(rng, pools, i)
         # one stamp per token left after the drop, as token_timestamps gives; sometimes fewer or more
         count = sum(t not in ("<s>", "</s>", "<unk>", "<OOV>") for t in seq)
         count = max(0, count + rng.choice([0, 0, 0, 0, -1, -3, 2]))
