@@ -6,7 +6,8 @@ model predicted each tracked training step.
 Links george, jackson and lucas's recordings (../shared/data/fsdd) into a training folder and nicolas's
 into a test folder (`--test-speaker` holds out another of the four instead; `--test-speaker none` holds
 out no voice: FSDD's own split, recordings 0-4 of every speaker for the test, the rest for training),
-runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`), and prints the WER it reports,
+runs `examples/fsdd/run.sh` (extra arguments go to `paratune finetune`; with FROM_SCRATCH=1 in the
+environment the recipe trains from random weights instead of fine-tuning its base), and prints the WER it reports,
 wall and CPU time, and from EXP/memory.csv the error of the predicted peak against the tracked peak of
 every recorded step. `--keep DIR` keeps the experiment folder (data, logs, final model) in DIR instead
 of deleting it. `--set frontend_conf.lfr_n=6` (repeatable) runs a copy of the recipe whose model
@@ -29,6 +30,21 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "fsdd"
+
+
+def link_split(root: Path, held_out: str) -> tuple[Path, Path]:
+    """root/train and root/test: links to the recordings of the other speakers and of `held_out`
+    ("none": recordings 0-4 of every speaker are the test)."""
+    train, test = root / "train", root / "test"
+    train.mkdir()
+    test.mkdir()
+    for p in sorted(FSDD.glob("*.wav")):
+        _, speaker, index = p.stem.split("_")
+        in_test = int(index) < 5 if held_out == "none" else speaker == held_out
+        (test if in_test else train).joinpath(p.name).symlink_to(p)
+    if not any(test.iterdir()):
+        raise SystemExit(f"no recordings of speaker {held_out!r} in {FSDD}")
+    return train, test
 
 
 def main() -> None:
@@ -55,15 +71,7 @@ def main() -> None:
                 node = node.setdefault(k, {})
             node[last] = yaml.safe_load(value)
         (recipe / "model" / "config.yaml").write_text(yaml.safe_dump(config))
-    train, test = tmp / "train", tmp / "test"
-    train.mkdir()
-    test.mkdir()
-    for p in sorted(FSDD.glob("*.wav")):
-        _, speaker, index = p.stem.split("_")
-        in_test = int(index) < 5 if held_out == "none" else speaker == held_out
-        (test if in_test else train).joinpath(p.name).symlink_to(p)
-    if not any(test.iterdir()):
-        raise SystemExit(f"no recordings of speaker {held_out!r} in {FSDD}")
+    train, test = link_split(tmp, held_out)
     exp = tmp / "exp"
     env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PARATUNE_CACHE": str(tmp / "cache")}
     start = time.perf_counter()
