@@ -173,7 +173,7 @@ def model_dir(work: Path) -> Path:
     return dest
 
 
-def pretrain(work: Path, utterances: list[dict], epochs: int | None) -> Path:
+def pretrain(work: Path, utterances: list[dict], overrides: list[str]) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"}
     paratune = [sys.executable, "-m", "paratune"]
     data = work / "data"
@@ -185,23 +185,24 @@ def pretrain(work: Path, utterances: list[dict], epochs: int | None) -> Path:
     rows = (data / "all" / "data.jsonl").read_text().splitlines(keepends=True)
     (data / "fit.jsonl").write_text("".join(r for i, r in enumerate(rows) if i % 20))
     (data / "valid.jsonl").write_text("".join(r for i, r in enumerate(rows) if i % 20 == 0))
-    extra = [f"++train_conf.max_epoch={epochs}"] if epochs else []
     subprocess.run(paratune + ["finetune", "--model", str(model), "--from-scratch", "--train", str(data / "fit.jsonl"),
                                "--valid", str(data / "valid.jsonl"), "--output", str(work / "exp"),
-                               "--budget", "1GiB", "--overwrite", *PRETRAIN, *extra], check=True, env=env)
+                               "--budget", "1GiB", "--overwrite", *overrides], check=True, env=env)
     return work / "exp" / "final"
 
 
-def provenance(utterances: list[dict], hours: float, digest: str, minutes: tuple[float, float]) -> str:
+def provenance(utterances: list[dict], hours: float, digest: str, minutes: tuple[float, float],
+               overrides: list[str]) -> str:
     engines = {e: sum(u["engine"] == e for u in utterances) for e in ENGINE_SHARE}
     versions = subprocess.run(["dpkg-query", "-W", "espeak-ng", "flite", "festival", "sox", "festvox-kallpc16k",
                                "festvox-kdlpc16k", "festvox-us-slt-hts"], capture_output=True, text=True).stdout
     import torch
     return (f"# The FSDD recipe's base model\n\nBuilt by `python scripts/make_base_model.py` "
-            f"(see its docstring): a Paraformer ({', '.join(f'{k} {v}' for k, v in MODEL_EDITS.items())} over "
-            f"`examples/fsdd/model/config.yaml`) pretrained from scratch on {len(utterances)} synthetic utterances "
+            f"(see its docstring): `examples/fsdd/model/config.yaml` with "
+            f"{'; '.join(f'{k}: {v}' for k, v in MODEL_EDITS.items())}, pretrained from scratch on "
+            f"{len(utterances)} synthetic utterances "
             f"({hours:.2f} h) of English digits, {', '.join(f'{n} {e}' for e, n in engines.items())}, "
-            f"with `{' '.join(PRETRAIN)}`; the weights are the average of the best epochs by validation CER on "
+            f"with `{' '.join(overrides)}`; the weights are the average of the best epochs by validation CER on "
             f"every 20th utterance.\n\n- synthesis {minutes[0]:.1f} CPU-min, pretraining {minutes[1]:.1f} CPU-min "
             f"(2-core Xeon, torch {torch.__version__})\n- audio sha256 `{digest}`\n- Debian packages:\n\n"
             + "".join(f"      {line}\n" for line in versions.splitlines()))
@@ -211,7 +212,9 @@ def publish(final: Path, dest: Path, readme: str) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final, tmp)
-    (tmp / "README.md").write_text(readme)
+    digest = hashlib.sha256((tmp / "model.pt").read_bytes()).hexdigest()
+    (tmp / "README.md").write_text(readme + f"\nmodel.pt sha256 `{digest}`: a rebuild with the same packages and "
+                                            "torch writes the same bytes.\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
@@ -244,10 +247,11 @@ def main() -> None:
     if args.synthesize_only:
         return
     start = time.time(), cpu_minutes()
-    final = pretrain(work, utterances, args.epochs)
+    overrides = PRETRAIN + ([f"++train_conf.max_epoch={args.epochs}"] if args.epochs else [])
+    final = pretrain(work, utterances, overrides)
     train_cpu = cpu_minutes() - start[1]
     print(f"pretrained in {(time.time() - start[0]) / 60:.1f} min wall, {train_cpu:.1f} CPU-min", flush=True)
-    publish(final, args.output, provenance(utterances, seconds / 3600, digest, (synth_cpu, train_cpu)))
+    publish(final, args.output, provenance(utterances, seconds / 3600, digest, (synth_cpu, train_cpu), overrides))
     print(f"model.pt sha256 {hashlib.sha256((args.output / 'model.pt').read_bytes()).hexdigest()}")
     if not args.work:
         shutil.rmtree(work)
