@@ -14,7 +14,7 @@ For each held-out speaker (its 500 recordings are the test; the other three spea
   (`batch_type: example`), SpecAugLFR with the same mask ranges, the same number of best epochs by validation
   accuracy averaged (the recipe: by CER), seed S. Its averaged weights are decoded by `paratune eval` (paratune's
   decoding equals FunASR's `generate`: tests/test_modeldir.py);
-- scratch: `FROM_SCRATCH=1 examples/fsdd/run.sh` (seed 0 only).
+- scratch: `FROM_SCRATCH=1 examples/fsdd/run.sh` (seed 0 only; two speakers at a time, one thread each).
 The paratune and FunASR runs of one seed run side by side, one torch thread each, so their wall
 times share the machine alike. Writes DIR/results.json and prints a table.
 """
@@ -129,6 +129,8 @@ def funasr_model(exp: Path, dest: Path) -> Path:
 
 
 def speaker_runs(speaker: str, out: Path, seeds: list[int], skip: set[str]) -> dict:
+    """Zero-shot, and per seed the recipe's fine-tuning beside FunASR's on the same manifests (without
+    FunASR: two seeds side by side)."""
     root = out / speaker
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -136,42 +138,68 @@ def speaker_runs(speaker: str, out: Path, seeds: list[int], skip: set[str]) -> d
     env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = {"paratune": [], "funasr": []}
-    for seed in seeds:
-        exp = root / f"paratune_{seed}"
-        proc = timed(["bash", str(RECIPE / "run.sh"), str(train), str(test), str(exp), f"++train_conf.seed={seed}"],
-                     root / f"paratune_{seed}.log", env)
-        fproc = None
-        while fproc is None and "funasr" not in skip:  # FunASR starts once the recipe has written its manifests
-            if (exp / "data" / "train" / "heldout.jsonl").exists() and (exp / "data/test/data.jsonl").exists():
-                time.sleep(1)
-                fexp = root / f"funasr_{seed}"
-                fexp.mkdir()
-                fproc = timed([sys.executable, __file__, "--run-funasr", "--data", str(exp / "data" / "train"),
-                               "--exp", str(fexp), "--seed", str(seed)], root / f"funasr_{seed}.log", env)
-            elif proc.poll() is not None:
-                break
-            time.sleep(2)
+
+    def recipe(seed: int) -> subprocess.Popen:
+        return timed(["bash", str(RECIPE / "run.sh"), str(train), str(test), str(root / f"paratune_{seed}"),
+                      f"++train_conf.seed={seed}"], root / f"paratune_{seed}.log", env)
+
+    def collect(seed: int, proc: subprocess.Popen) -> None:
         wall, cpu = finish(proc)
         log = (root / f"paratune_{seed}.log").read_text()
         # the finetune command's own time, from its last line ("wrote ...; 139 s"): FunASR's counterpart
         train_s = float(re.findall(r"wrote .*; (\d+) s$", log, re.M)[-1])
         result["paratune"].append({"seed": seed, "wer": wer_of(log), "wall_s": wall, "cpu_s": cpu,
                                    "train_s": train_s})
+
+    waves = [[s] for s in seeds] if "funasr" not in skip else [seeds[i:i + 2] for i in range(0, len(seeds), 2)]
+    for wave in waves:
+        procs = [(seed, recipe(seed)) for seed in wave]
+        fproc = None if "funasr" in skip else funasr_beside(procs[0][1], root, wave[0], env)
+        for seed, proc in procs:
+            collect(seed, proc)
         if fproc is not None:
             wall, cpu = finish(fproc)
-            model = funasr_model(fexp, root / f"funasr_{seed}_model")
-            result["funasr"].append({"seed": seed, "wer": evaluate(model, exp / "data/test/data.jsonl", env),
-                                     "wall_s": wall, "cpu_s": cpu})
-        print(speaker, "seed", seed, result, flush=True)
+            model = funasr_model(root / f"funasr_{wave[0]}", root / f"funasr_{wave[0]}_model")
+            data = root / f"paratune_{wave[0]}" / "data/test/data.jsonl"
+            result["funasr"].append({"seed": wave[0], "wer": evaluate(model, data, env), "wall_s": wall, "cpu_s": cpu})
+        print(speaker, "seeds", wave, result, flush=True)
     test_data = root / f"paratune_{seeds[0]}" / "data/test/data.jsonl"
     result["zero_shot"] = evaluate(BASE, test_data, env)
-    if "scratch" not in skip:
-        env2 = {**env, "FROM_SCRATCH": "1", "OMP_NUM_THREADS": "2"}
-        proc = timed(["bash", str(RECIPE / "run.sh"), str(train), str(test), str(root / "scratch")],
-                     root / "scratch.log", env2)
-        wall, cpu = finish(proc)
-        result["scratch"] = {"wer": wer_of((root / "scratch.log").read_text()), "wall_s": wall, "cpu_s": cpu}
     return result
+
+
+def funasr_beside(proc: subprocess.Popen, root: Path, seed: int, env: dict) -> subprocess.Popen | None:
+    """FunASR's run of `seed`, started once the recipe has written its manifests (None if it ended first)."""
+    data = root / f"paratune_{seed}" / "data"
+    while True:
+        if (data / "train" / "heldout.jsonl").exists() and (data / "test" / "data.jsonl").exists():
+            time.sleep(1)
+            fexp = root / f"funasr_{seed}"
+            fexp.mkdir()
+            return timed([sys.executable, __file__, "--run-funasr", "--data", str(data / "train"), "--exp", str(fexp),
+                          "--seed", str(seed)], root / f"funasr_{seed}.log", env)
+        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return None  # the recipe ended early: finish() reports it
+        time.sleep(2)
+
+
+def scratch_runs(speakers: list[str], out: Path) -> dict:
+    """The recipe from scratch (seed 0), two held-out speakers at a time, one torch thread each."""
+    env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "FROM_SCRATCH": "1"}
+    results = {}
+    for pair in (speakers[i:i + 2] for i in range(0, len(speakers), 2)):
+        procs = {}
+        for speaker in pair:
+            root = out / speaker
+            shutil.rmtree(root / "scratch", ignore_errors=True)
+            procs[speaker] = timed(["bash", str(RECIPE / "run.sh"), str(root / "train"), str(root / "test"),
+                                    str(root / "scratch")], root / "scratch.log", env)
+        for speaker, proc in procs.items():
+            wall, cpu = finish(proc)
+            results[speaker] = {"wer": wer_of((out / speaker / "scratch.log").read_text()), "wall_s": wall,
+                                "cpu_s": cpu}
+    return results
 
 
 def stats(values: list[float]) -> str:
@@ -187,6 +215,8 @@ def main() -> None:
     ap.add_argument("--speakers", default=",".join(SPEAKERS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--skip", default="", help="comma-separated: scratch, funasr")
+    ap.add_argument("--reuse", type=Path, help="an earlier run's results.json: the skipped kinds' figures come from "
+                                               "it (valid while the base, FSDD and run.sh's ++ settings are the same)")
     ap.add_argument("--run-funasr", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--exp", type=Path, help=argparse.SUPPRESS)
@@ -198,9 +228,22 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": recipe_settings()}
-    for speaker in args.speakers.split(","):
+    speakers = args.speakers.split(",")
+    for speaker in speakers:
         results[speaker] = speaker_runs(speaker, args.out, seeds, skip)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    if "scratch" not in skip:
+        for speaker, result in scratch_runs(speakers, args.out).items():
+            results[speaker]["scratch"] = result
+    if args.reuse:
+        earlier = json.loads(args.reuse.read_text())
+        if earlier["settings"] != results["settings"]:
+            raise SystemExit(f"{args.reuse}: run with other fine-tuning settings: {earlier['settings']}")
+        for speaker in speakers:
+            for kind in skip:
+                results[speaker][kind] = earlier[speaker][kind]
+        results["reused"] = {"from": str(args.reuse), "date": earlier["date"], "kinds": sorted(skip)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print("| held-out speaker | base alone | fine-tuned (paratune) | fine-tuned (FunASR) | from scratch |")
     print("|---|---|---|---|---|")
     for speaker in args.speakers.split(","):
