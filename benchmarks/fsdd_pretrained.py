@@ -240,7 +240,7 @@ def main() -> None:
         if earlier["settings"] != results["settings"]:
             raise SystemExit(f"{args.reuse}: run with other fine-tuning settings: {earlier['settings']}")
         for speaker in speakers:
-            for kind in skip:
+            for kind in skip & set(earlier.get(speaker, {})):
                 results[speaker][kind] = earlier[speaker][kind]
         results["reused"] = {"from": str(args.reuse), "date": earlier["date"], "kinds": sorted(skip)}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
