@@ -251,15 +251,13 @@ def main() -> None:
         scratch = f"{r['scratch']['wer']:.2f} %" if "scratch" in r else "-"
         print(f"| {speaker} | {r['zero_shot']:.2f} % | {stats([x['wer'] for x in r['paratune']])} | "
               f"{stats([x['wer'] for x in r['funasr']])} | {scratch} |")
-    for who in ("paratune", "funasr"):
-        runs = [x for s in args.speakers.split(",") for x in results[s][who]]
+    for who, what in (("paratune", "run.sh: prepare, finetune, eval"), ("funasr", "train_ds")):
+        runs = [x for s in speakers for x in results[s][who]]
         if runs:
-            print(f"{who}: per fine-tuning (prepare, train, decode; one torch thread) wall "
-                  f"{sum(x['wall_s'] for x in runs) / len(runs) / 60:.2f} min mean, CPU "
-                  f"{sum(x['cpu_s'] for x in runs) / len(runs) / 60:.2f} min mean, "
-                  f"{max(x['cpu_s'] for x in runs) / 60:.2f} min most; the trainer alone (paratune finetune, "
-                  f"FunASR's process) {sum(x.get('train_s', x['wall_s']) for x in runs) / len(runs) / 60:.2f} min "
-                  "mean wall")
+            print(f"{who} ({what}; one torch thread): wall {sum(x['wall_s'] for x in runs) / len(runs) / 60:.2f} min "
+                  f"mean, CPU {sum(x['cpu_s'] for x in runs) / len(runs) / 60:.2f} min mean, "
+                  f"{max(x['cpu_s'] for x in runs) / 60:.2f} min most; the trainer alone (finetune, train_ds) "
+                  f"{sum(x.get('train_s', x['wall_s']) for x in runs) / len(runs) / 60:.2f} min mean wall")
 
 
 if __name__ == "__main__":
