@@ -3,7 +3,7 @@ base fine-tuned by `examples/fsdd/run.sh`, the same fine-tuning through FunASR 1
 the recipe from scratch.
 
     python benchmarks/fsdd_pretrained.py --out DIR [--speakers george,jackson,lucas,nicolas] [--seeds 0,1,2]
-                                         [--skip scratch,funasr]
+                                         [--skip scratch,funasr,paratune] [--reuse results.json]
 
 For each held-out speaker (its 500 recordings are the test; the other three speakers' 1,500 train):
 - zero-shot: `paratune eval` of `examples/fsdd/base` on the test recordings;
@@ -93,7 +93,7 @@ def run_funasr(args) -> None:
     trainer_ds.Trainer.device = property(lambda self: "cpu", lambda self, value: None)
     torch.set_num_threads(1)
     s = recipe_settings()
-    lfr_n = yaml.safe_load((BASE / "config.yaml").read_text())["frontend_conf"]["lfr_n"]
+    lfr_m = yaml.safe_load((BASE / "config.yaml").read_text())["frontend_conf"]["lfr_m"]
     kwargs = download_model(is_training=True, model=str(BASE), device="cpu", ncpu=1,
                             train_data_set_list=str(args.data / "fit.jsonl"),
                             valid_data_set_list=str(args.data / "heldout.jsonl"), output_dir=str(args.exp))
@@ -108,11 +108,13 @@ def run_funasr(args) -> None:
                             "use_fp16": False, "grad_clip": 5.0, "accum_grad": 1}
     kwargs["optim"], kwargs["optim_conf"] = "adamw", {"lr": s["optim_conf.lr"], "weight_decay": 0.0}
     kwargs["scheduler"], kwargs["scheduler_conf"] = "warmuplr", {"warmup_steps": s["scheduler_conf.warmup_steps"]}
-    # paratune's SpecAugment (paratune/data/specaug.py): one band of 0-30 mel bins, one run of 0-4 LFR frames
+    # paratune's SpecAugment (paratune/data/specaug.py): one band of 0-30 mel bins in every stacked frame, one
+    # run of 0-4 LFR frames. FunASR's mask widths are randint(lo, hi): hi is excluded; its freq mask repeats
+    # over lfr_rate + 1 stacked frames (paraformer-large: lfr_m 7, lfr_rate 6); its time mask is in LFR frames.
     kwargs["specaug"] = "SpecAugLFR"
-    kwargs["specaug_conf"] = {"apply_time_warp": False, "apply_freq_mask": True, "freq_mask_width_range": [0, 30],
-                              "lfr_rate": lfr_n, "num_freq_mask": 1, "apply_time_mask": True,
-                              "time_mask_width_range": [0, 4 * lfr_n], "num_time_mask": 1}
+    kwargs["specaug_conf"] = {"apply_time_warp": False, "apply_freq_mask": True, "freq_mask_width_range": [0, 31],
+                              "lfr_rate": lfr_m - 1, "num_freq_mask": 1, "apply_time_mask": True,
+                              "time_mask_width_range": [0, 5], "num_time_mask": 1}
     kwargs["seed"] = args.seed
     train_ds.main(**kwargs)
 
@@ -132,12 +134,13 @@ def speaker_runs(speaker: str, out: Path, seeds: list[int], skip: set[str]) -> d
     """Zero-shot, and per seed the recipe's fine-tuning beside FunASR's on the same manifests (without
     FunASR: two seeds side by side)."""
     root = out / speaker
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    train, test = link_split(root, speaker)
     env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = {"paratune": [], "funasr": []}
+    if "paratune" not in skip:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        train, test = link_split(root, speaker)
 
     def recipe(seed: int) -> subprocess.Popen:
         return timed(["bash", str(RECIPE / "run.sh"), str(train), str(test), str(root / f"paratune_{seed}"),
@@ -151,6 +154,8 @@ def speaker_runs(speaker: str, out: Path, seeds: list[int], skip: set[str]) -> d
         result["paratune"].append({"seed": seed, "wer": wer_of(log), "wall_s": wall, "cpu_s": cpu,
                                    "train_s": train_s})
 
+    if "paratune" in skip:
+        return {"funasr": funasr_only(root, seeds, env), "zero_shot": evaluate(BASE, manifest(root, seeds[0]), env)}
     waves = [[s] for s in seeds] if "funasr" not in skip else [seeds[i:i + 2] for i in range(0, len(seeds), 2)]
     for wave in waves:
         procs = [(seed, recipe(seed)) for seed in wave]
@@ -166,6 +171,29 @@ def speaker_runs(speaker: str, out: Path, seeds: list[int], skip: set[str]) -> d
     test_data = root / f"paratune_{seeds[0]}" / "data/test/data.jsonl"
     result["zero_shot"] = evaluate(BASE, test_data, env)
     return result
+
+
+def manifest(root: Path, seed: int) -> Path:
+    return root / f"paratune_{seed}" / "data" / "test" / "data.jsonl"
+
+
+def funasr_only(root: Path, seeds: list[int], env: dict) -> list[dict]:
+    """FunASR's runs, two seeds side by side, on the manifests an earlier run of the recipe wrote."""
+    out = []
+    for wave in (seeds[i:i + 2] for i in range(0, len(seeds), 2)):
+        procs = []
+        for seed in wave:
+            data, fexp = root / f"paratune_{seed}" / "data", root / f"funasr_{seed}"
+            shutil.rmtree(fexp, ignore_errors=True)
+            fexp.mkdir()
+            procs.append((seed, timed([sys.executable, __file__, "--run-funasr", "--data", str(data / "train"),
+                                       "--exp", str(fexp), "--seed", str(seed)], root / f"funasr_{seed}.log", env)))
+        for seed, proc in procs:
+            wall, cpu = finish(proc)
+            model = funasr_model(root / f"funasr_{seed}", root / f"funasr_{seed}_model")
+            out.append({"seed": seed, "wer": evaluate(model, manifest(root, seed), env), "wall_s": wall, "cpu_s": cpu})
+        print(root.name, "FunASR seeds", wave, out, flush=True)
+    return out
 
 
 def funasr_beside(proc: subprocess.Popen, root: Path, seed: int, env: dict) -> subprocess.Popen | None:
@@ -214,7 +242,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--speakers", default=",".join(SPEAKERS))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--skip", default="", help="comma-separated: scratch, funasr")
+    ap.add_argument("--skip", default="", help="comma-separated: scratch, funasr, paratune (FunASR alone on the "
+                                               "manifests of an earlier run in the same --out)")
     ap.add_argument("--reuse", type=Path, help="an earlier run's results.json: the skipped kinds' figures come from "
                                                "it (valid while the base, FSDD and run.sh's ++ settings are the same)")
     ap.add_argument("--run-funasr", action="store_true", help=argparse.SUPPRESS)
