@@ -165,11 +165,10 @@ def speaker_runs(speaker: str, out: Path, seeds: list[int], skip: set[str]) -> d
         if fproc is not None:
             wall, cpu = finish(fproc)
             model = funasr_model(root / f"funasr_{wave[0]}", root / f"funasr_{wave[0]}_model")
-            data = root / f"paratune_{wave[0]}" / "data/test/data.jsonl"
-            result["funasr"].append({"seed": wave[0], "wer": evaluate(model, data, env), "wall_s": wall, "cpu_s": cpu})
+            result["funasr"].append({"seed": wave[0], "wer": evaluate(model, manifest(root, wave[0]), env),
+                                     "wall_s": wall, "cpu_s": cpu})
         print(speaker, "seeds", wave, result, flush=True)
-    test_data = root / f"paratune_{seeds[0]}" / "data/test/data.jsonl"
-    result["zero_shot"] = evaluate(BASE, test_data, env)
+    result["zero_shot"] = evaluate(BASE, manifest(root, seeds[0]), env)
     return result
 
 
