@@ -43,8 +43,9 @@ __all__ = ["PRECISIONS", "StepOptions", "StepTracer", "Traced", "cuda_kernels", 
 # 2: CUDA steps traced with the memory-efficient attention kernel; 3: and fused dropout; 4: two micro-batches
 # per step (accumulation), stage parts, the DDP gradient reduce traced, gradients never resident; 5: SeACo
 # steps traced with the most hotwords the sampler can draw (they ran with the [sos] entry alone), and the
-# LSTMs' workspace (BiCif's and SeACo's; the fake kernel has none)
-TRACER_VERSION = 5
+# LSTMs' workspace (BiCif's and SeACo's; the fake kernel has none); 6: per-block checkpointing, 8-bit AdamW
+# (bitsandbytes' CPU kernel)
+TRACER_VERSION = 6
 
 
 def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
@@ -121,6 +122,31 @@ class RnnWorkspace(TorchDispatchMode):
                     torch.zeros(shape, dtype=x.dtype), *map(real, args[1:5]), *state, args[7], [], *args[9:])
                 self._sizes[key] = out[3].untyped_storage().nbytes()
         return self._sizes[key]
+
+
+@contextlib.contextmanager
+def fake_quantization_maps(mode):
+    """bitsandbytes builds its 8-bit quantization maps through Python lists, which fake tensors cannot
+    give: under `mode` (a FakeTensorMode) the maps are built real, then made fake."""
+    if not isinstance(mode, FakeTensorMode):
+        yield
+        return
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def fill_qmap(optimizer):
+        with _disable_current_modes():
+            maps = {"dynamic": bnb_functional.create_dynamic_map(signed=True),
+                    "udynamic": bnb_functional.create_dynamic_map(signed=False)}
+        optimizer.name2qmap.update({k: mode.from_tensor(v) for k, v in maps.items()})
+
+    original = Optimizer8bit.fill_qmap
+    Optimizer8bit.fill_qmap = fill_qmap
+    try:
+        yield
+    finally:
+        Optimizer8bit.fill_qmap = original
 
 
 @contextlib.contextmanager
@@ -232,7 +258,7 @@ class StepTracer:
         self.hotwords = hotword_bound(config, hotwords)
         self.rnn = RnnWorkspace()  # the LSTMs' workspace as the real CPU kernel makes it
         self.mode = FakeTensorMode() if fake else contextlib.nullcontext()
-        with self.mode:
+        with self.mode, fake_quantization_maps(self.mode):
             ready = prepare_model(build_paraformer(config, vocab, input_size), options)
             self.model, self.optimizer, self.scaler = ready.model, ready.optimizer, ready.scaler
             # one step creates the optimizer state: what a long run holds at every later step
@@ -264,6 +290,17 @@ class StepTracer:
             with tracker:
                 self._step(batches)
         return Traced(tracker.peak, tracker.at_peak, tracker.stages)
+
+    def flops(self, batch: int, frames: int, tokens: int) -> int:
+        """Matrix-multiply FLOPs of a step of one (B, T, U) micro-batch, checkpointed blocks' recomputation
+        included: what the plan's cost model weighs. Counted on a step of its own (the counter keeps
+        tensors alive, so it is never inside a memory trace)."""
+        from torch.utils.flop_counter import FlopCounterMode
+        with self.mode:
+            batches = [self.batch(batch, frames, tokens)]
+            with FlopCounterMode(display=False) as counter:
+                self._step(batches)
+        return int(counter.get_total_flops())
 
     def trace(self, batch: int, frames: int, tokens: int, *words: int) -> Traced:
         """Two micro-batches of (B, T, U) (SeACo: and N hotwords of L tokens, by default the most the

@@ -32,6 +32,20 @@ def storage_bytes(st: torch.UntypedStorage, cuda: bool) -> int:
     return math.ceil(n / CUDA_BLOCK) * CUDA_BLOCK if cuda else n
 
 
+class Adam8bitCpu(TorchDispatchMode):
+    """bitsandbytes' 8-bit AdamW update on a CPU is PyTorch code that dequantizes both moments of a tensor
+    to fp32, updates and requantizes them: temporaries several times the tensor's fp32 size, made inside
+    one custom operator where no dispatch mode above it sees them. Entered above a `PeakMemory`, this
+    runs that code op by op, so the tracker counts them (on fake tensors too, whose kernel of the
+    operator allocates nothing, as CUDA's fused one does)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.bitsandbytes.optimizer_update_8bit_blockwise.default:
+            from bitsandbytes.backends.cpu.ops import _optimizer_update_8bit_blockwise_cpu
+            return _optimizer_update_8bit_blockwise_cpu(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 class PeakMemory(TorchDispatchMode):
     """Use as a context around one step: `with PeakMemory(model, optimizer) as m: step()`, then
     `m.peak` (bytes) and `m.at_peak` (bytes by tag when the peak was reached). The same object can
@@ -60,6 +74,9 @@ class PeakMemory(TorchDispatchMode):
         self._stage_max = 0
         self._handles = []
         self._orig_resize = None
+        # a CPU step's 8-bit AdamW: its update's temporaries (CUDA's kernel has none)
+        cpu_8bit = type(optimizer).__module__.startswith("bitsandbytes") and not cuda_blocks
+        self._kernels = Adam8bitCpu() if cpu_8bit else None
 
     # -- bookkeeping
     def _track(self, t: torch.Tensor, tag: str, retag: bool = False) -> None:
@@ -190,9 +207,14 @@ class PeakMemory(TorchDispatchMode):
         self._stage_max = self.current - self._grads
         self._install_hooks()
         self._patch_resize()
-        return super().__enter__()
+        out = super().__enter__()
+        if self._kernels is not None:
+            self._kernels.__enter__()
+        return out
 
     def __exit__(self, *exc):
+        if self._kernels is not None:
+            self._kernels.__exit__(*exc)
         self.finish()
         for h in self._handles:
             h.remove()

@@ -24,7 +24,8 @@ from paratune.data.hotwords import with_hotwords
 from paratune.data.loader import INPUTS
 from paratune.train import distributed
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "adamw8bit")  # adamw8bit: bitsandbytes' blockwise 8-bit state
+ALL = -1  # checkpointing every block of a stack
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -33,10 +34,12 @@ class StepOptions:
     """What changes a step's memory besides the batch shapes."""
 
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
-    checkpointing: bool = False  # activation checkpointing of every encoder and decoder block
+    # activation checkpointing of the first (encoder, decoder) blocks of each stack (ALL: every one);
+    # True and False mean (ALL, ALL) and (0, 0)
+    checkpointing: tuple[int, int] = (0, 0)
     frozen: tuple[str, ...] = ()  # parameter-name prefixes not trained, e.g. ("encoder.",)
     grad_clip: float | None = 5.0
-    optimizer: str = "adamw"  # adamw | sgd (with momentum)
+    optimizer: str = "adamw"  # adamw | sgd (with momentum) | adamw8bit
     ddp: bool = False  # gradients averaged over ranks after the micro-batches (bucketed all-reduce)
     device: str = "cpu"  # where the step runs: CUDA rounds every tensor to 512 bytes
     lora_r: int = 0  # LoRA adapters of this rank (0: none) on lora_targets; the base weights are frozen
@@ -51,13 +54,40 @@ class StepOptions:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose from cpu, cuda")
         object.__setattr__(self, "frozen", tuple(self.frozen))
+        object.__setattr__(self, "checkpointing", checkpoint_counts(self.checkpointing))
         # a YAML `grad_clip: 5` and the default 5.0 are the same step: the same cached fit
         object.__setattr__(self, "grad_clip", float(self.grad_clip) if self.grad_clip else None)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "lora_dropout", float(self.lora_dropout))
 
+    @property
+    def checkpointed(self) -> bool:
+        """Whether any block is checkpointed."""
+        return self.checkpointing != (0, 0)
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "frozen": list(self.frozen), "lora_targets": list(self.lora_targets)}
+        return {**asdict(self), "frozen": list(self.frozen), "lora_targets": list(self.lora_targets),
+                "checkpointing": list(self.checkpointing)}
+
+
+def checkpoint_counts(value) -> tuple[int, int]:
+    """(encoder, decoder) checkpointed blocks from a bool, a pair, or text like "44/0" or "all/2"."""
+    if isinstance(value, bool):
+        return (ALL, ALL) if value else (0, 0)
+    if isinstance(value, str):
+        value = value.split("/")
+    try:
+        pair = tuple(ALL if str(x).strip() == "all" else int(x) for x in value)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or min(pair) < ALL:
+        raise ValueError(f"checkpointing {value!r}: give (encoder blocks, decoder blocks), each a count or 'all'")
+    return pair
+
+
+def checkpoint_text(counts: tuple[int, int]) -> str:
+    """(44, 0) -> '44/0', (ALL, ALL) -> 'all/all'."""
+    return "/".join("all" if n == ALL else str(n) for n in counts)
 
 
 def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
@@ -66,6 +96,8 @@ def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0
 
     The fused kernel updates each tensor in place; the default multi-tensor path allocates
     temporaries as large as all parameters together at step time, which is often the step's peak.
+    adamw8bit keeps both moments in 8 bits per element (bitsandbytes: blockwise quantization, 256 per
+    block; tensors under 4,096 elements stay fp32): 2 bytes per parameter instead of 8.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -77,6 +109,11 @@ def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0
     if name == "sgd":  # fused SGD has no rule for FSDP's sharded parameters
         fused = fused and not any(isinstance(p, DTensor) for p in params)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
+    if name == "adamw8bit":
+        if any(isinstance(p, DTensor) for p in params):
+            raise ValueError("adamw8bit does not update FSDP's sharded parameters: use adamw with --fsdp")
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
@@ -101,8 +138,8 @@ def prepare_model(model: nn.Module, options: StepOptions, device=None, wrap=None
                          options.lora_targets or DEFAULT_TARGETS)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"freeze={list(options.frozen)} leaves no parameter to train")
-    if options.checkpointing:
-        set_checkpointing(model, encoder_blocks=None, decoder_blocks=None)
+    enc, dec = options.checkpointing
+    set_checkpointing(model, encoder_blocks=None if enc == ALL else enc, decoder_blocks=None if dec == ALL else dec)
     if device is not None:
         model = model.to(device)
     model.train()
