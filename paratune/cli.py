@@ -162,7 +162,8 @@ def _plan(args) -> int:
 
     fe = spec.frontend
     try:
-        run = plan_run(spec, lengths, config, budget, args.device, args.world_size, fsdp=args.fsdp, fit=fit, log=_log)
+        run = plan_run(spec, lengths, config, budget, args.device, args.world_size, fsdp=args.fsdp, fit=fit, log=_log,
+                       explain=args.explain)
         plan = make_plan(run, lengths, fe.lfr_n * fe.frame_shift / 1000)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -175,6 +176,8 @@ def _plan(args) -> int:
             return EXIT_FAILED
 
     if args.explain:
+        from paratune.memory.levers import text
+        print("\n".join(text(plan.run.alternatives, plan.run.blocks, plan.budget)))
         _explain(args, spec, plan)
     if args.png:
         write_png(plan, args.png)

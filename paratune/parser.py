@@ -34,9 +34,12 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML with train_conf, optim_conf, scheduler_conf, dataset_conf, "
                                                "memory, freeze, lora")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="memory.precision (default fp32)")
-    p.add_argument("--checkpointing", choices=["auto", "on", "off"],
-                   help="activation checkpointing of every block; auto (default): only if something does not "
-                        "fit without")
+    p.add_argument("--checkpointing", metavar="auto|on|off|E/D",
+                   help="activation checkpointing: auto (default): the fewest blocks with which the longest "
+                        "utterance fits; on/off: every block or none; E/D: the first E encoder and D decoder blocks")
+    p.add_argument("--optimizer-state", choices=["auto", "fp32", "8bit"],
+                   help="memory.optimizer_state: AdamW's state in fp32 or 8 bits (bitsandbytes); auto (default): "
+                        "8-bit only when the budget needs it")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], help="optim_conf.optimizer (default adamw)")
     p.add_argument("--freeze", nargs="*", default=None, metavar="PREFIX",
                    help="parameter-name prefixes not trained, e.g. encoder.")

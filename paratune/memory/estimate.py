@@ -51,6 +51,7 @@ from paratune.io import atomic_write_text
 from paratune.data.hotwords import HotwordSampling
 from paratune.memory.trace import StepOptions, StepTracer, fit_key, hotword_shape
 from paratune.memory.tracker import FIRST, LATER, TAIL
+from paratune.train.step import checkpoint_text
 
 SINGLE, ACCUMULATED = (FIRST, TAIL), (LATER, TAIL)  # the parts that bound each kind of micro-batch
 
@@ -397,8 +398,8 @@ def load_or_fit(config: dict, vocab: int, input_size: int, options: StepOptions,
         return model, True
     frames, tokens = fit_range(max_frames, max_tokens)
     if log:
-        log(f"fitting the memory model ({options.precision}, checkpointing "
-            f"{'on' if options.checkpointing else 'off'}) up to {frames} frames, {tokens} tokens")
+        log(f"fitting the memory model ({options.precision}, {options.optimizer}, checkpointing "
+            f"{checkpoint_text(options.checkpointing)} blocks) up to {frames} frames, {tokens} tokens")
     model = fit(StepTracer(config, vocab, input_size, options, hotwords=hotwords), frames, tokens, holdout=holdout,
                 key=entry_key(key, frames, tokens))
     try:

@@ -14,6 +14,7 @@ from paratune.data.hotwords import HotwordSampling
 from paratune.data.manifest import Lengths
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
 from paratune.memory.estimate import MemoryModel, load_or_fit
+from paratune.memory.levers import LeverSearch, block_counts, choose_levers, describe, levers_dict, weighed
 from paratune.memory.trace import hotword_bound
 from paratune.train.lora import DEFAULT_TARGETS
 from paratune.train.step import StepOptions
@@ -92,7 +93,7 @@ class Limit:
 
 
 def step_options(config: dict, device: str, world_size: int = 1, fsdp: bool = False,
-                 checkpointing: bool = False) -> StepOptions:
+                 checkpointing=(0, 0)) -> StepOptions:
     """The step a run with this configuration takes, as the memory model needs to know it."""
     mc, lora, r = config["memory"], config["lora"], int(config["lora"]["r"])
     return StepOptions(precision=mc["precision"], checkpointing=checkpointing, frozen=tuple(config["freeze"]),
@@ -132,6 +133,8 @@ class RunPlan:
     frames: np.ndarray  # planned frames per utterance
     accum: int
     notes: list[str] = field(default_factory=list)
+    alternatives: list = field(default_factory=list)  # levers.Alternative, with `explain`
+    blocks: tuple[int, int] = (0, 0)  # the model's encoder and decoder blocks
 
     @property
     def limit(self) -> Limit:
@@ -196,10 +199,11 @@ def _wider(limit: Limit, limit_for, frames, tokens, t: np.ndarray, u: np.ndarray
 
 
 def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "cuda", world_size: int = 1,
-             rank: int = 0, fsdp: bool = False, fit=None, log=None) -> RunPlan:
-    """The one planning entry of `paratune plan` and `paratune finetune`. `fit(options, max_frames,
-    max_tokens)` gives the memory model (default: the cached fit or a new one; the trainer passes
-    one that fits on rank 0 and shares it)."""
+             rank: int = 0, fsdp: bool = False, fit=None, log=None, explain: bool = False) -> RunPlan:
+    """The one planning entry of `paratune plan` and `paratune finetune`: the levers (`choose_levers`),
+    then the fitted memory model and the sampler under them. `fit(options, max_frames, max_tokens)` gives
+    the memory model (default: the cached fit or a new one; the trainer passes one that fits on rank 0
+    and shares it). `explain`: also trace the alternatives weighed (`RunPlan.alternatives`)."""
     if not len(lengths):
         raise PlanError("the manifest has no usable utterances: nothing to plan")
     if world_size < 1:
@@ -224,36 +228,39 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
                 model = shard_model(model, spec.build(), world_size)
         return Limit(model, budget, device, mc["margin"], accumulate=accum > 1)
 
-    def sampler_for(checkpointing: bool) -> tuple[MemoryBoundedSampler, StepOptions]:
-        options = step_options(config, device, world_size, fsdp, checkpointing)
+    def sampler_for(options: StepOptions) -> MemoryBoundedSampler:
         limit = fitted_limit(lambda t, u: limit_for(options, t, u), padded, lengths.tokens)
-        sampler = MemoryBoundedSampler(frames, lengths.tokens, limit, seed=int(tc["seed"]),
-                                       buffer_size=int(dc["buffer_size"]), buckets=bounds,
-                                       costliest_first=bool(dc["costliest_first"]), max_batch=dc["max_batch"],
-                                       world_size=world_size, rank=rank)
-        return sampler, options
+        return MemoryBoundedSampler(frames, lengths.tokens, limit, seed=int(tc["seed"]),
+                                    buffer_size=int(dc["buffer_size"]), buckets=bounds,
+                                    costliest_first=bool(dc["costliest_first"]), max_batch=dc["max_batch"],
+                                    world_size=world_size, rank=rank)
 
-    sampler, options = sampler_for(mc["checkpointing"] == "on")
-    notes = []
-    if mc["checkpointing"] == "auto":
-        alone = _too_big(sampler)
-        if alone:
-            if log:
-                log(f"{alone} utterances do not fit without activation checkpointing; trying with it")
-            other, other_options = sampler_for(True)
-            fewer = _too_big(other)
-            if fewer < alone:
-                sampler, options = other, other_options
-                notes.append(f"activation checkpointing on: without it {alone} utterances do not fit even "
-                             f"alone, with it {fewer}")
+    base = step_options(config, device, world_size, fsdp)
+    scale = 1.0 + (mc["margin"] if mc["margin"] is not None else UNCALIBRATED_MARGIN[device])
+    search = LeverSearch(spec, hotwords, scale, budget, accum > 1)
+    blocks = block_counts(spec)
+    try:
+        options, notes = choose_levers(search, base, config, blocks, (int(padded.max()), int(lengths.tokens.max())),
+                                       fsdp, log)
+    except ValueError as e:
+        raise PlanError(str(e)) from e
+    sampler = sampler_for(options)
+    if mc["checkpointing"] == "auto" and _too_big(sampler):
+        # the trace judged the longest utterance alone; the fit judges every one, as it judges batches
+        for other in [c for c in (blocks, (0, 0)) if c != options.checkpointing]:
+            other = dataclasses.replace(options, checkpointing=other)
+            maybe = sampler_for(other)
+            if _too_big(maybe) < _too_big(sampler) or (not other.checkpointed and _too_big(maybe) == _too_big(sampler)):
+                sampler, options = maybe, other
+    alternatives = weighed(search, options, blocks, (int(padded.max()), int(lengths.tokens.max()))) if explain else []
     limit = sampler.limit
     need_static = limit.model.static_step * limit.scale
     if need_static > budget:
         raise PlanError(f"the budget {gib(budget)} is below the static memory of a step, {gib(need_static)} "
                         f"(parameters, gradients and optimizer state{', with the margin' if limit.scale > 1 else ''}"
-                        "): no batch can fit. Raise the budget, shard with --fsdp, freeze modules, or use "
-                        "++optim_conf.optimizer=sgd")
-    return RunPlan(options, sampler, frames, accum, notes)
+                        f", {options.optimizer}): no batch can fit. Raise the budget, shard with --fsdp, freeze "
+                        "modules, or use ++optim_conf.optimizer=sgd")
+    return RunPlan(options, sampler, frames, accum, notes, alternatives, blocks)
 
 
 @dataclass
@@ -303,6 +310,8 @@ class Plan:
         return {
             "budget_bytes": self.budget,
             "options": m.options,
+            "levers": levers_dict(self.run.options),
+            "levers_weighed": [a.to_dict() for a in self.run.alternatives],
             "calibrated": self.limit.calibrated,
             "scale": self.limit.scale,
             "static_bytes": m.static_step,
@@ -367,8 +376,7 @@ def summary(plan: Plan) -> str:
         f"budget {gib(plan.budget)} per device; static {gib(m.static_step)} "
         f"(parameters {gib(m.resident['parameters'])}, optimizer state {gib(m.resident['optimizer_state'])}, "
         f"gradients {gib(m.resident['gradients'])})",
-        f"options: precision {m.options.get('precision')}, checkpointing "
-        f"{'on' if m.options.get('checkpointing') else 'off'}, optimizer {m.options.get('optimizer')}"
+        f"options: precision {plan.run.options.precision}, {describe(plan.run.options, plan.run.blocks)}"
         + (f", FSDP over {m.options['fsdp_world_size']} ranks" if m.options.get("fsdp_world_size") else "")
         + (", DDP" if m.options.get("ddp") else "")
         + (f", {plan.run.accum} micro-batches per step" if plan.run.accum > 1 else ""),

@@ -20,7 +20,8 @@ DEFAULTS = {
                      "hotword_min_length": 2, "hotword_max_length": 8, "hotword_sample_rate": 0.75,
                      "hotword_double_rate": 0.1},  # SeACo only: FunASR's hotword sampling
     # fit_timeout_s: how long other ranks wait for rank 0's memory fit before they give up
-    "memory": {"precision": "fp32", "checkpointing": "auto", "margin": None, "cpu_track_every": 10,
+    "memory": {"precision": "fp32", "checkpointing": "auto", "optimizer_state": "auto", "margin": None,
+               "cpu_track_every": 10,
                "fit_timeout_s": 1800},
     "freeze": [],
     "lora": {"r": 0, "alpha": 16.0, "dropout": 0.05, "targets": None},  # r > 0: train LoRA adapters only
@@ -69,6 +70,7 @@ def apply_override(config: dict, text: str) -> dict:
 
 # command-line flags that `paratune plan` and `paratune finetune` both take, and where each goes
 FLAGS = {"precision": ("memory", "precision"), "checkpointing": ("memory", "checkpointing"),
+         "optimizer_state": ("memory", "optimizer_state"),
          "margin": ("memory", "margin"), "optimizer": ("optim_conf", "optimizer"), "freeze": ("freeze",),
          "max_batch": ("dataset_conf", "max_batch"), "buffer_size": ("dataset_conf", "buffer_size"),
          "buckets": ("dataset_conf", "buckets"), "costliest_first": ("dataset_conf", "costliest_first"),

@@ -36,7 +36,7 @@ from paratune.train.lora import merge_lora
 from paratune.train.monitor import MemoryMonitor
 from paratune.train.progress import Progress
 from paratune.train.schedule import WarmupLR
-from paratune.train.step import PRECISIONS, Micro, prepare_model, train_step
+from paratune.train.step import PRECISIONS, Micro, checkpoint_text, prepare_model, train_step
 from paratune.train.validation import estimate_cmvn, load_split, validate
 
 
@@ -187,7 +187,7 @@ class Finetune:
         self.log(f"plan: {len(self.train_rows)} utterances, {len(self.sampler)} batches per epoch"
                  f"{' per rank' if self.world.size > 1 else ''}, budget {gib(self.budget)}, static "
                  f"{gib(self.limit.model.static_step)}, precision {options.precision}, checkpointing "
-                 f"{'on' if options.checkpointing else 'off'}, accumulation {self.accum}, "
+                 f"{checkpoint_text(options.checkpointing)} blocks, optimizer {options.optimizer}, accumulation {self.accum}, "
                  f"{'calibrated' if self.limit.calibrated else 'uncalibrated'}")
 
     def _resume(self) -> None:

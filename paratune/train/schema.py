@@ -54,6 +54,22 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class Checkpointing:
+    """auto, on, off, or the blocks of each stack as "ENCODER/DECODER" (each a count or all)."""
+
+    def ok(self, v) -> bool:
+        if not isinstance(v, str):
+            return False
+        if v in ("auto", "on", "off"):
+            return True
+        parts = v.split("/")
+        return len(parts) == 2 and all(p.strip() == "all" or p.strip().isdigit() for p in parts)
+
+    def expected(self) -> str:
+        return 'auto, on, off, or "E/D": encoder and decoder blocks checkpointed (counts or all), e.g. "12/0"'
+
+
+@dataclass(frozen=True)
 class Bool:
     def ok(self, v) -> bool:
         return isinstance(v, bool)
@@ -118,7 +134,9 @@ SCHEMA = {
                      # SeACo-Paraformer's hotwords sampled from the targets (FunASR's AudioDatasetHotword)
                      "hotword_min_length": Num(True, 1), "hotword_max_length": Num(True, 1),
                      "hotword_sample_rate": Num(lo=0, hi=1), "hotword_double_rate": Num(lo=0, hi=1)},
-    "memory": {"precision": Choice(("fp32", "bf16", "fp16")), "checkpointing": Choice(("auto", "on", "off")),
+    "memory": {"precision": Choice(("fp32", "bf16", "fp16")), "checkpointing": Checkpointing(),
+               # AdamW's state: auto (8-bit only when the budget needs it), fp32, or 8bit (bitsandbytes)
+               "optimizer_state": Choice(("auto", "fp32", "8bit")),
                "margin": Num(lo=0, hi=1, null=True),  # the share of the budget kept free
                "cpu_track_every": Num(True, 1), "fit_timeout_s": POSITIVE},
     "freeze": Strings(),

@@ -9,6 +9,7 @@ import pytest
 import paratune
 from paratune.cli import main
 from paratune.data.lengths import read_lengths, write_synthetic_manifest
+from paratune.memory import levers
 from paratune.memory.estimate import load_or_fit
 from paratune.memory.plan import PlanError, parse_bytes
 from paratune.memory.trace import StepOptions, StepTracer
@@ -101,7 +102,7 @@ def test_utterances_too_long_for_the_budget_are_excluded_with_a_remedy(capsys, t
     assert "huge" not in [k for b in plan["batches"] for k in b["keys"]]
 
 
-def test_checkpointing_auto_turns_on_when_needed(capsys, tmp_path, cache):
+def test_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit(capsys, tmp_path, cache):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"key": "long", "source": "x.wav", "source_len": 3000, "target_len": 120}) + "\n")
     spec = read_model_dir(DEMO)
@@ -115,13 +116,25 @@ def test_checkpointing_auto_turns_on_when_needed(capsys, tmp_path, cache):
     budget = (need[True] + need[False]) // 2  # fits only with checkpointing
     code, out, err = _plan(capsys, "--data", data, "--budget", budget, "--json")
     plan = json.loads(out)
-    assert code == 0 and plan["options"]["checkpointing"] and not plan["excluded"]
-    assert any("activation checkpointing on" in n for n in plan["notes"])
+    assert code == 0 and not plan["excluded"] and plan["levers"]["optimizer"] == "adamw"
+    ckpt = plan["levers"]["checkpointing"]
+    counts = (ckpt["encoder_blocks"], ckpt["decoder_blocks"])
+    assert tuple(plan["options"]["checkpointing"]) == counts and counts != (0, 0)
+    assert any("activation checkpointing of" in n and "the fewest" in n for n in plan["notes"])
+    # the fewest: one block fewer along the ladder does not fit, by the traced step
+    ladder = levers.ladder(levers.block_counts(spec))
+    fewer = ladder[ladder.index(counts) - 1]
+    tracer = StepTracer(spec.config, spec.vocab_size, spec.input_size, StepOptions(checkpointing=fewer))
+    assert tracer.trace_step([(1, t, u)]).single > budget
     code, out, err = _plan(capsys, "--data", data, "--budget", budget, "--json", "--checkpointing", "off")
     assert code == 1 and [e["key"] for e in json.loads(out)["excluded"]] == ["long"]
+    # forced: exactly what is asked
+    code, out, err = _plan(capsys, "--data", data, "--budget", budget, "--json", "--checkpointing", "all/1")
+    assert code == 0 and json.loads(out)["levers"]["checkpointing"] == {"encoder_blocks": ladder[-1][0],
+                                                                          "decoder_blocks": 1}
     # with room to spare, auto leaves it off
     code, out, err = _plan(capsys, "--data", data, "--budget", need[False] * 2, "--json")
-    assert code == 0 and not json.loads(out)["options"]["checkpointing"] and "trying with it" not in err
+    assert code == 0 and json.loads(out)["levers"]["checkpointing"] == {"encoder_blocks": 0, "decoder_blocks": 0}
 
 
 def test_budget_below_static_memory(capsys, manifest):

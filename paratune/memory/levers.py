@@ -1,0 +1,224 @@
+"""The memory levers a plan chooses: how many blocks of each stack to checkpoint, and whether AdamW
+keeps its state in 8 bits. `plan_run` asks `LeverSearch` for the fewest checkpointed blocks that let
+the run's longest utterance fit, first with the configured optimizer and, only if no checkpointing is
+enough (or the static memory alone is over the budget), with 8-bit AdamW. Each candidate is judged by
+tracing the step it would run (`StepTracer`), never by a formula.
+
+The cost of a choice is its predicted step-time factor: the step's matrix-multiply FLOPs with the
+checkpointed blocks' forward recomputed, over the FLOPs without checkpointing, counted on the same
+traced step. 8-bit AdamW's update is elementwise (no FLOPs counted): its cost is stated in words.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from paratune.memory.trace import StepTracer
+from paratune.memory.tracker import FIRST, LATER, TAIL
+from paratune.train.step import StepOptions, checkpoint_text
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One lever setting the plan weighed, as `--explain` reports it."""
+
+    options: StepOptions
+    need: float  # predicted need (bytes, margin included) of the longest utterance alone
+    static: float  # predicted static need (bytes, margin included)
+    factor: float  # predicted step-time factor against no checkpointing (FLOPs)
+    fits: bool  # the longest utterance fits alone within the budget
+    chosen: bool = False
+
+    def to_dict(self) -> dict:
+        return {**levers_dict(self.options), "predicted_need_bytes": int(round(self.need)),
+                "static_bytes": int(round(self.static)), "step_time_factor": round(self.factor, 4),
+                "fits": self.fits, "chosen": self.chosen}
+
+
+def levers_dict(options: StepOptions) -> dict:
+    """`plan --json`'s "levers": what the step runs with."""
+    enc, dec = options.checkpointing
+    return {"precision": options.precision, "checkpointing": {"encoder_blocks": enc, "decoder_blocks": dec},
+            "optimizer": options.optimizer}
+
+
+def describe(options: StepOptions, blocks: tuple[int, int]) -> str:
+    enc, dec = options.checkpointing
+    ckpt = "no checkpointing" if not options.checkpointed else \
+        f"checkpointing {enc}/{blocks[0]} encoder and {dec}/{blocks[1]} decoder blocks"
+    return f"{options.optimizer}, {ckpt}"
+
+
+def ladder(blocks: tuple[int, int]) -> list[tuple[int, int]]:
+    """Checkpointing settings from none to all, each saving more than the one before: encoder blocks
+    first (their activations grow with T and T^2, the decoder's with U and T*U), then decoder blocks."""
+    enc, dec = blocks
+    return [(k, 0) for k in range(enc + 1)] + [(enc, k) for k in range(1, dec + 1)]
+
+
+def optimizer_candidates(config: dict) -> list[str]:
+    """The optimizers the plan may use, in order of preference: the configured one, then (AdamW, with
+    `memory.optimizer_state: auto`) its 8-bit form."""
+    name, state = config["optim_conf"]["optimizer"], config["memory"]["optimizer_state"]
+    if state == "8bit":
+        if name != "adamw":
+            raise ValueError(f"++memory.optimizer_state=8bit: only AdamW keeps an 8-bit state here, not {name}")
+        return ["adamw8bit"]
+    return ["adamw", "adamw8bit"] if name == "adamw" and state == "auto" else [name]
+
+
+def forced_checkpointing(mode: str, blocks: tuple[int, int]) -> tuple[int, int] | None:
+    """`memory.checkpointing` as counts: off, on (all) or "E/D" ("all" allowed); None for auto."""
+    from paratune.train.step import ALL, checkpoint_counts
+    if mode == "auto":
+        return None
+    if mode in ("on", "off"):
+        return blocks if mode == "on" else (0, 0)
+    pair = checkpoint_counts(mode)
+    return tuple(b if n == ALL else min(n, b) for n, b in zip(pair, blocks))
+
+
+class LeverSearch:
+    """Traces of the longest utterance under candidate lever settings (one tracer per setting, kept)."""
+
+    def __init__(self, spec, hotwords, scale: float, budget: int, accumulate: bool):
+        self.spec, self.hotwords, self.scale, self.budget, self.accumulate = spec, hotwords, scale, budget, accumulate
+        self._tracers: dict[StepOptions, StepTracer] = {}
+        self._needs: dict = {}
+
+    def tracer(self, options: StepOptions) -> StepTracer:
+        if options not in self._tracers:
+            self._tracers[options] = StepTracer(self.spec.config, self.spec.vocab_size, self.spec.input_size,
+                                                options, hotwords=self.hotwords)
+        return self._tracers[options]
+
+    def static(self, options: StepOptions) -> float:
+        r = self.tracer(options).resident()
+        return (r["parameters"] + r["buffers"] + r["optimizer_state"] + r["gradients"]) * self.scale
+
+    def need(self, options: StepOptions, t: int, u: int) -> float:
+        """What one utterance of (T, U) needs alone, margin included (as `Limit.need`)."""
+        key = (options, t, u)
+        if key not in self._needs:
+            traced = self.tracer(options).trace(1, t, u)
+            parts = (FIRST, TAIL, LATER) if self.accumulate else (FIRST, TAIL)
+            self._needs[key] = traced.part_peak(parts) * self.scale
+        return self._needs[key]
+
+    def fewest(self, base: StepOptions, blocks: tuple[int, int], t: int, u: int) -> tuple[int, int] | None:
+        """The fewest checkpointed blocks (along `ladder`) with which (1, T, U) fits; None if none does."""
+        steps = ladder(blocks)
+        at = lambda i: dataclasses.replace(base, checkpointing=steps[i])  # noqa: E731
+        if self.need(at(len(steps) - 1), t, u) > self.budget:
+            return None
+        lo, hi = -1, len(steps) - 1  # steps[hi] fits; steps[lo] does not (or lo is before the first)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.need(at(mid), t, u) <= self.budget else (mid, hi)
+        return steps[hi]
+
+    def factor(self, options: StepOptions, t: int, u: int) -> float:
+        """Predicted step-time factor of `options` against no checkpointing, at (1, T, U)."""
+        if not options.checkpointed:
+            return 1.0
+        plain = dataclasses.replace(options, checkpointing=(0, 0))
+        return self.tracer(options).flops(1, t, u) / max(1, self.tracer(plain).flops(1, t, u))
+
+    def alternative(self, options: StepOptions, t: int, u: int, chosen: bool = False) -> Alternative:
+        need = self.need(options, t, u)
+        return Alternative(options, need, self.static(options), self.factor(options, t, u),
+                           need <= self.budget and self.static(options) <= self.budget, chosen)
+
+
+def block_counts(spec) -> tuple[int, int]:
+    """The model's encoder blocks and its longest decoder stack (SeACo's seaco decoder counts as one)."""
+    import torch
+    with torch.device("meta"):
+        stacks = spec.build().block_stacks()
+    return len(stacks["encoder"]), max(len(v) for k, v in stacks.items() if k != "encoder")
+
+
+def choose_levers(search: LeverSearch, base: StepOptions, config: dict, blocks: tuple[int, int],
+                  longest: tuple[int, int], fsdp: bool, log=None) -> tuple[StepOptions, list[str]]:
+    """The step options a run takes, and notes on why: for each optimizer in order of preference
+    (`optimizer_candidates`) whose static memory fits, the checkpointing `memory.checkpointing` forces,
+    or (auto) the fewest blocks with which the longest utterance (T, U) fits; the first optimizer with
+    which it fits, else the first whose static memory fits, with every block checkpointed (auto)."""
+    forced = forced_checkpointing(config["memory"]["checkpointing"], blocks)
+    names = optimizer_candidates(config)
+    if fsdp:  # bitsandbytes does not update sharded parameters
+        if names == ["adamw8bit"]:
+            raise ValueError("++memory.optimizer_state=8bit does not work with --fsdp (sharded parameters)")
+        names = [n for n in names if n != "adamw8bit"]
+    t, u = longest
+    first = fallback = None
+    for name in names:
+        options = dataclasses.replace(base, optimizer=name, checkpointing=(0, 0))
+        first = first or options
+        if search.static(options) > search.budget:
+            continue
+        if forced is not None:
+            pick = dataclasses.replace(options, checkpointing=forced)
+            fits = search.need(pick, t, u) <= search.budget
+        else:
+            counts = search.fewest(options, blocks, t, u)
+            fits = counts is not None
+            pick = dataclasses.replace(options, checkpointing=counts if fits else blocks)
+        fallback = fallback or pick
+        if log:
+            log(f"{describe(pick, blocks)}: the longest utterance ({t} frames, {u} tokens) "
+                f"{'fits' if fits else 'does not fit'} alone")
+        if fits:
+            return pick, _notes(search, pick, base, blocks, longest)
+    chosen = fallback or dataclasses.replace(first, checkpointing=forced or (0, 0))
+    return chosen, _notes(search, chosen, base, blocks, longest)
+
+
+def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, longest) -> list[str]:
+    from paratune.memory.plan import gib
+    notes = []
+    if chosen.optimizer != base.optimizer:
+        plain = dataclasses.replace(chosen, optimizer=base.optimizer)
+        why = ("its static memory alone" if search.static(plain) > search.budget else
+               "the longest utterance, even with every block checkpointed,")
+        notes.append(f"8-bit AdamW state (bitsandbytes): with fp32 AdamW {why} is over the budget; 8-bit state "
+                     f"takes the static memory from {gib(search.static(plain))} to {gib(search.static(chosen))}. "
+                     "Its cost: moments quantized blockwise (256 values per block) and an elementwise "
+                     "dequantize-update-requantize per tensor; only weights are exported")
+    if chosen.checkpointed:
+        enc, dec = chosen.checkpointing
+        every = dataclasses.replace(chosen, checkpointing=blocks)
+        notes.append(f"activation checkpointing of {enc}/{blocks[0]} encoder and {dec}/{blocks[1]} decoder blocks: "
+                     f"the fewest with which the longest utterance ({longest[0]} frames) fits; predicted step time "
+                     f"x{search.factor(chosen, *longest):.3f} (every block: x{search.factor(every, *longest):.3f})")
+    return notes
+
+
+def weighed(search: LeverSearch, chosen: StepOptions, blocks, longest) -> list[Alternative]:
+    """The chosen setting and those beside it: no checkpointing, every block, and (if it was not chosen)
+    the configured optimizer's state in full precision."""
+    others = [dataclasses.replace(chosen, checkpointing=c) for c in ((0, 0), blocks)]
+    if chosen.optimizer == "adamw8bit":
+        others += [dataclasses.replace(o, optimizer="adamw") for o in (chosen, *others)]
+    seen = {chosen}
+    out = [search.alternative(chosen, *longest, chosen=True)]
+    for o in others:
+        if o not in seen:
+            seen.add(o)
+            out.append(search.alternative(o, *longest))
+    return out
+
+
+def text(alternatives: list[Alternative], blocks: tuple[int, int], budget: int) -> list[str]:
+    """`--explain`'s lines on the lever settings weighed."""
+    from paratune.memory.plan import gib
+    lines = [f"levers weighed at the longest utterance (budget {gib(budget)}):"]
+    for a in alternatives:
+        verdict = "chosen" if a.chosen else ("fits" if a.fits else "does not fit")
+        lines.append(f"  {describe(a.options, blocks):<58} need {gib(a.need)}, static {gib(a.static)}, "
+                     f"step time x{a.factor:.3f}  {verdict}")
+    return lines
+
+
+__all__ = ["Alternative", "LeverSearch", "block_counts", "checkpoint_text", "choose_levers", "describe",
+           "forced_checkpointing", "ladder", "levers_dict", "optimizer_candidates", "text", "weighed"]
