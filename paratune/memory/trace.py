@@ -336,11 +336,14 @@ class StepTracer:
         """Bytes that live across steps (parameters, buffers, optimizer state), and the full set of
         gradients (which exist only during a step)."""
         def size(t):
-            return storage_bytes(t.untyped_storage(), self.options.device == "cuda")
+            st = t if isinstance(t, torch.UntypedStorage) else t.untyped_storage()
+            return storage_bytes(st, self.options.device == "cuda")
         params = sum(size(p) for p in self.model.parameters())
         buffers = sum(size(b) for b in self.model.buffers())
-        state = sum(size(t) for s in self.optimizer.state.values() for t in s.values()
-                    if isinstance(t, torch.Tensor))
+        # by storage: 8-bit AdamW's quantization maps are one pair shared by every tensor's state
+        state = sum(size(st) for st in {id(t.untyped_storage()): t.untyped_storage()
+                                         for s in self.optimizer.state.values() for t in s.values()
+                                         if isinstance(t, torch.Tensor)}.values())
         grads = sum(size(p) for p in self.model.parameters() if p.requires_grad)
         return {"parameters": params, "buffers": buffers, "optimizer_state": state, "gradients": grads}
 

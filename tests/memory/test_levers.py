@@ -1,0 +1,109 @@
+"""The memory model on the plan's levers: partial and full activation checkpointing, 8-bit AdamW, and 8-bit
+AdamW with partial checkpointing.
+
+For every lever, on the small and the medium config, the model is fitted on fake tensors (as `paratune plan`
+does) and real tracked steps (`StepTracer(..., fake=False)`: `train_step` on CPU tensors, measured by
+`PeakMemory`) at 10 (B, T, U) shapes the fit never saw come within 3 % of its prediction. And the 8-bit
+optimizer keeps about a quarter of fp32 AdamW's state: 2 bytes per parameter and a scale per block of 256,
+tensors under 4,096 elements in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from paratune.memory.estimate import fit, random_shapes
+from paratune.memory.trace import StepOptions, StepTracer
+from tests.model.reference import load_config, medium_config, small_config
+
+INPUT = 560
+SIZES = {"small": (small_config, 100), "medium": (medium_config, 2000)}  # config, vocabulary
+# partial checkpointing: the first (encoder, decoder) blocks; the medium config has 12 + 6 blocks
+PARTIAL = {"small": (2, 1), "medium": (6, 1)}
+LEVERS = {
+    "partial": lambda size: StepOptions(checkpointing=PARTIAL[size]),
+    "all_blocks": lambda size: StepOptions(checkpointing=True),
+    "adamw8bit": lambda size: StepOptions(optimizer="adamw8bit"),
+    "adamw8bit_partial": lambda size: StepOptions(optimizer="adamw8bit", checkpointing=PARTIAL[size]),
+}
+MAX_FRAMES, MAX_TOKENS, MAX_BATCH = 200, 40, 8
+N, FIT_SEED, SEED, TOL = 10, 0, 21, 0.03  # SEED: the checked shapes, never the fit's
+
+
+@pytest.fixture(scope="module")
+def large(large_dir):
+    return load_config(large_dir)
+
+
+def sized(large: dict, size: str) -> tuple[dict, int]:
+    make, vocab = SIZES[size]
+    return make(large), vocab
+
+
+def error(predicted: int, real: int) -> float:
+    return (predicted - real) / real
+
+
+CASES = [pytest.param(size, lever, id=f"{size}-{lever}", marks=pytest.mark.slow)
+         for size in SIZES for lever in LEVERS]
+
+
+@pytest.mark.parametrize("size, lever", CASES)
+def test_real_steps_within_3_percent_of_the_fit(large, size, lever):
+    config, vocab = sized(large, size)
+    options = LEVERS[lever](size)
+    model = fit(StepTracer(config, vocab, INPUT, options), MAX_FRAMES, MAX_TOKENS, holdout=0, seed=FIT_SEED)
+    shapes = random_shapes(N, MAX_BATCH, MAX_FRAMES, MAX_TOKENS, seed=SEED)
+    probes = {(p["batch"], p["frames"], p["tokens"]) for p in model.probes}
+    assert len(set(shapes)) == N and not probes & set(shapes)  # 10 shapes, none of them fitted
+
+    real = StepTracer(config, vocab, INPUT, options, fake=False)
+    # the lever is on in the real step: the blocks it checkpoints, the optimizer it names
+    enc, dec = options.checkpointing
+    stacks = real.model.block_stacks()
+    for stack, n in (("encoder", enc), ("decoder", dec)):
+        blocks = list(stacks[stack])
+        assert [b.checkpoint for b in blocks] == [i < (len(blocks) if n == -1 else n) for i in range(len(blocks))]
+    assert type(real.optimizer).__name__ == ("AdamW8bit" if options.optimizer == "adamw8bit" else "AdamW")
+
+    rows = [(s, real.trace_step([s]).peak, model.peak(*s)) for s in shapes]
+    bad = [(s, r, p, f"{100 * error(p, r):+.2f} %") for s, r, p in rows if abs(error(p, r)) > TOL]
+    assert not bad, f"{size} {lever}: {len(bad)} of {N} real steps off by more than {TOL:.0%}: {bad}"
+
+
+def expected_8bit_state(model: torch.nn.Module) -> int:
+    """bitsandbytes' AdamW8bit: both moments in uint8 with one fp32 scale per block of 256 elements, and
+    one pair of 256-entry fp32 quantization maps shared by every tensor; tensors under 4,096 elements
+    keep both moments in fp32."""
+    quantized = [p.numel() for p in model.parameters() if p.requires_grad and p.numel() >= 4096]
+    small = [p.numel() for p in model.parameters() if p.requires_grad and p.numel() < 4096]
+    return sum(2 * n + 2 * 4 * math.ceil(n / 256) for n in quantized) + 8 * sum(small) + 2 * 256 * 4
+
+
+def stored_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The optimizer state's bytes, each storage once (as `PeakMemory` counts them)."""
+    storages = {}
+    for state in optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("size", [pytest.param("small"), pytest.param("medium", marks=pytest.mark.slow)])
+def test_8bit_state_is_about_a_quarter_of_adamw(large, size):
+    config, vocab = sized(large, size)
+    adamw = StepTracer(config, vocab, INPUT, StepOptions())
+    fp32 = adamw.resident()
+    eight = StepTracer(config, vocab, INPUT, StepOptions(optimizer="adamw8bit"), fake=False)
+    state = eight.resident()["optimizer_state"]
+    assert eight.resident()["parameters"] == fp32["parameters"]
+    # fp32 AdamW: two fp32 moments per parameter (8 bytes), a scalar step count per tensor
+    extra = fp32["optimizer_state"] - 2 * fp32["parameters"]
+    assert 0 <= extra <= 8 * sum(1 for _ in adamw.model.parameters())
+    # what the 8-bit optimizer holds, byte for byte, once per storage
+    assert stored_bytes(eight.optimizer) == expected_8bit_state(eight.model) == state
+    # well under fp32 AdamW's: a quarter, plus the block scales and the small tensors kept in fp32
+    assert 0.25 * fp32["optimizer_state"] < state < 0.35 * fp32["optimizer_state"], (state, fp32)
