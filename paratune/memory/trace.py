@@ -35,7 +35,7 @@ from paratune.data.hotwords import CONFIG_KEYS, HotwordSampling, hotword_samplin
 from paratune.memory.tracker import FIRST, TAIL, PeakMemory, storage_bytes
 from paratune.model.build import build_paraformer
 from paratune.train.distributed import Local
-from paratune.train.step import PRECISIONS, Micro, StepOptions, prepare_model, train_step
+from paratune.train.step import PRECISIONS, Micro, StepOptions, import_bitsandbytes, prepare_model, train_step
 
 __all__ = ["PRECISIONS", "StepOptions", "StepTracer", "Traced", "cuda_kernels", "fake_batch", "fit_key",
            "hotword_bound", "hotword_shape"]
@@ -131,8 +131,8 @@ def fake_quantization_maps(mode):
     if not isinstance(mode, FakeTensorMode):
         yield
         return
-    import bitsandbytes.functional as bnb_functional
-    from bitsandbytes.optim.optimizer import Optimizer8bit
+    bnb = import_bitsandbytes()
+    bnb_functional, Optimizer8bit = bnb.functional, bnb.optim.optimizer.Optimizer8bit
     from torch.utils._python_dispatch import _disable_current_modes
 
     def fill_qmap(optimizer):

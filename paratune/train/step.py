@@ -112,9 +112,17 @@ def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0
     if name == "adamw8bit":
         if any(isinstance(p, DTensor) for p in params):
             raise ValueError("adamw8bit does not update FSDP's sharded parameters: use adamw with --fsdp")
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return import_bitsandbytes().optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def import_bitsandbytes():
+    """bitsandbytes, without the warning its import logs on CPUs with AVX512-BF16 about a 4-bit matmul
+    kernel it could not download (paratune uses only its 8-bit optimizer)."""
+    import logging
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes
+    return bitsandbytes
 
 
 @dataclass

@@ -52,9 +52,12 @@ def test_100_injected_ooms_lose_no_sample(digits, tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.slow
-def test_resume_continues_where_the_checkpoint_was(digits, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("levers", [[], ["--optimizer-state", "8bit", "--checkpointing", "2/1"]],
+                         ids=["plain", "8bit-partial-checkpointing"])
+def test_resume_continues_where_the_checkpoint_was(digits, tmp_path, capsys, monkeypatch, levers):
     monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
-    common = ["--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]), "--budget", "1GiB"]
+    common = ["--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]), "--budget", "1GiB",
+              *levers]
     settings = ["++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0", "++train_conf.log_interval=1000",
                 "++train_conf.save_checkpoint_interval=10"]
     full = tmp_path / "full"
@@ -68,6 +71,8 @@ def test_resume_continues_where_the_checkpoint_was(digits, tmp_path, capsys, mon
     b = torch.load(part / "final" / "model.pt", weights_only=True)
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     assert _ledger(full / "ledger.jsonl") == _ledger(part / "ledger.jsonl")
+    if levers:  # the levers forced are the levers trained with
+        assert "checkpointing 2/1 blocks, optimizer adamw8bit" in capsys.readouterr().err
     capsys.readouterr()
 
 
