@@ -2,6 +2,7 @@
 
     python benchmarks/model_step.py [--batch 8] [--seconds 10] [--tokens 30] [--config PATH]
                                     [--repeats 3] [--threads N] [--variants funasr,plain,...] [--json OUT]
+                                    [--plan-budget 3.5GiB [--plan-manifest PATH]]
 
 What is measured, per row (FunASR reference, then paratune variants), each row in its own subprocess
 so that no row's memory is left in another's figures:
@@ -37,7 +38,22 @@ grad_clip=...)`, the code the trainer runs.
 
 Variants (`--variants`, comma separated): `funasr`, `funasr-cpu`, `plain` (paratune as is),
 `ckpt:E/D` (paratune with `set_checkpointing(model, encoder_blocks=E, decoder_blocks=D)`, E and D an
-int or `all`: the first E encoder / D decoder blocks checkpointed).
+int or `all`: the first E encoder / D decoder blocks checkpointed). Default
+`funasr,plain,ckpt:all/all,ckpt:all/0,ckpt:44/0`.
+
+`--plan-budget B`: the plan's checkpointing against every block. The plan is made in this process as
+`paratune plan --device cpu --explain --budget B` makes it (`paratune.memory.plan.plan_run`; the
+config's folder as the model directory, its config.yaml with no --config or ++overrides; the fit from
+$PARATUNE_CACHE or a new one) over `--plan-manifest` (default: a synthetic manifest, lengths only,
+`write_synthetic_manifest(path, 200, seed=1, max_s=30.0)`). The step shape is then the plan's longest
+utterance alone, the shape the plan chose its levers at: B = 1, its padded LFR frames (as seconds of
+audio) and the most tokens of the manifest (`--batch`, `--seconds`, `--tokens` are ignored), and the
+rows are `plain`, `ckpt:E/D` with the plan's (E, D) and `ckpt:all/all`, after any `--variants` given.
+The report adds the plan's predicted step-time factors (matmul FLOPs with the checkpointed blocks'
+forward recomputed over those without, `levers_weighed`) next to the measured ones: median wall clock,
+median user CPU time, and forward + backward (the wall-clock split without the optimizer step and the
+rest, which the FLOP count leaves out) of the chosen and of every block against plain, and chosen
+against every block.
 """
 from __future__ import annotations
 
@@ -349,10 +365,102 @@ def worker(args) -> dict:
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "step_usage": [{k: round(v, 2) for k, v in u.items()} for u in usage],
         "step_split_s": {k: round(v, 3) for k, v in mid.items()},
+        "step_splits_s": [{k: round(v, 3) for k, v in sp.items()} for sp in splits],
         "rss_before_mib": round(rss_before / MIB, 1),
         "rss_peak_mib": round(rss.get("VmHWM", 0) / MIB, 1) if can_reset else None,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+# ---- the plan's levers (--plan-budget) ------------------------------------------------------------
+
+def plan_manifest(args, tmp: Path) -> Path:
+    if args.plan_manifest:
+        return Path(args.plan_manifest)
+    from paratune.data.lengths import write_synthetic_manifest
+    return write_synthetic_manifest(tmp / "plan.jsonl", 200, seed=1, max_s=30.0)
+
+
+def plan_levers(args, manifest: Path) -> dict:
+    """The plan's chosen checkpointing, the longest utterance it chose it at (padded as the sampler pads
+    it) and its predicted step-time factors, as `paratune plan --device cpu --explain` makes them."""
+    from paratune.data.lengths import read_lengths
+    from paratune.memory.plan import parse_bytes, plan_run
+    from paratune.modeldir import read_model_dir
+    from paratune.train.config import load_config
+
+    spec = read_model_dir(Path(args.config).parent)
+    config = load_config(spec.config, None, [])
+    fe = spec.frontend
+    lengths, errors = read_lengths([manifest], spec.tokenizer, fe.lfr_n, fe.frame_shift, fe.frame_length)
+    if errors or not len(lengths):
+        sys.exit(f"{manifest}: {len(errors)} bad line(s), {len(lengths)} usable utterance(s)")
+    budget = parse_bytes(args.plan_budget)
+    t0 = time.perf_counter()
+    run = plan_run(spec, lengths, config, budget, "cpu", explain=True,
+                   log=lambda m: print(f"  plan: {m}", flush=True))
+    frames = run.sampler.padded(int(run.frames.max()))
+    factors = {a.options.checkpointing: a.factor for a in run.alternatives
+               if a.options.optimizer == run.options.optimizer}
+    enc, dec = run.options.checkpointing
+    return {"budget": args.plan_budget, "budget_bytes": budget, "manifest": str(manifest),
+            "utterances": len(lengths), "optimizer": run.options.optimizer, "precision": run.options.precision,
+            "blocks": list(run.blocks), "checkpointing": [enc, dec], "variant": f"ckpt:{enc}/{dec}",
+            "longest": {"frames": frames, "tokens": int(lengths.tokens.max()),
+                        "seconds": frames * fe.lfr_n * fe.frame_shift / 1000},
+            "predicted": {"chosen_vs_plain": factors[(enc, dec)], "all_vs_plain": factors[tuple(run.blocks)],
+                          "chosen_vs_all": factors[(enc, dec)] / factors[tuple(run.blocks)]},
+            "levers_weighed": [a.to_dict() for a in run.alternatives], "notes": list(run.notes),
+            "plan_s": round(time.perf_counter() - t0, 1)}
+
+
+def plan_variants(plan: dict, given: str | None) -> list[str]:
+    """The rows: any `--variants` given, then plain, the plan's checkpointing and every block."""
+    variants = [v.strip() for v in (given or "").split(",") if v.strip()]
+    return variants + [v for v in ("plain", plan["variant"], "ckpt:all/all") if v not in variants]
+
+
+def plan_measured(plan: dict, rows: list[dict]) -> dict:
+    """Median seconds and factors of the plan's rows: wall clock, user CPU, and forward + backward
+    (per step, the wall-clock split without the optimizer step and the rest)."""
+    by = {r["variant"]: r for r in rows}
+    picked = {"plain": by["plain"], "chosen": by[plan["variant"]], "all": by["ckpt:all/all"]}
+
+    def fwd_bwd(r):
+        sums = [sp["forward"] + sp["backward+clip"] for sp in r["step_splits_s"] if sp]
+        return statistics.median(sums) if sums else float("nan")
+
+    measures = {"wall": lambda r: r["step_s"], "user_cpu": lambda r: r["step_user_s"], "forward_backward": fwd_bwd}
+    out = {}
+    for name, f in measures.items():
+        s = {k: f(r) for k, r in picked.items()}
+        out[name] = {**{f"{k}_s": round(v, 3) for k, v in s.items()},
+                     "chosen_vs_plain": s["chosen"] / s["plain"], "all_vs_plain": s["all"] / s["plain"],
+                     "chosen_vs_all": s["chosen"] / s["all"]}
+    return out
+
+
+def plan_report(plan: dict) -> str:
+    enc, dec = plan["checkpointing"]
+    (eb, db), lg, m = plan["blocks"], plan["longest"], plan["measured"]
+    lines = [
+        f"plan (plan_run, device cpu, budget {plan['budget']}, {plan['utterances']} utterances of "
+        f"{plan['manifest']}): {plan['precision']} {plan['optimizer']}, checkpointing {enc}/{eb} encoder and "
+        f"{dec}/{db} decoder blocks; timed at its longest utterance alone: B=1, {lg['frames']} LFR frames "
+        f"({lg['seconds']:g} s), {lg['tokens']} tokens.",
+        "",
+        "| step-time factor | predicted (matmul FLOPs) | wall clock | user CPU | forward + backward |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {"chosen_vs_plain": f"chosen ({enc}/{dec}) / plain", "all_vs_plain": f"every block ({eb}/{db}) / plain",
+             "chosen_vs_all": "chosen / every block"}
+    for key, name in names.items():
+        lines.append(f"| {name} | x{plan['predicted'][key]:.3f} | x{m['wall'][key]:.3f} | "
+                     f"x{m['user_cpu'][key]:.3f} | x{m['forward_backward'][key]:.3f} |")
+    lines.append("")
+    lines.append("median seconds (plain / chosen / every block): " + "; ".join(
+        f"{k.replace('_', ' ')} {v['plain_s']:.2f} / {v['chosen_s']:.2f} / {v['all_s']:.2f}" for k, v in m.items()))
+    return "\n".join(lines)
 
 
 # ---- the parent -----------------------------------------------------------------------------------
@@ -419,6 +527,7 @@ def machine() -> dict:
 
 def report(rows: list[dict], info: dict, args) -> str:
     ref = next((r for r in rows if r["variant"] == "funasr"), rows[0])
+    vs = "x FunASR" if ref["variant"] == "funasr" else f"x {ref['variant']}"
     lines = [
         f"paraformer-large ({info['parameters'] / 1e6:.1f} M parameters, vocab {info['vocab']}), "
         f"batch {args.batch} x {args.seconds:g} s ({info['fbank_frames']} fbank -> {info['lfr_frames']} LFR "
@@ -431,7 +540,7 @@ def report(rows: list[dict], info: dict, args) -> str:
         "time of the process (all threads) in the same steps: the computation, without the kernel's page-fault "
         "work (sys) and without time lost to other processes. MiB.",
         "",
-        "| row | optimizer | peak (MiB) | x FunASR | peak in | step (s) | x FunASR | user CPU (s) | x FunASR "
+        f"| row | optimizer | peak (MiB) | {vs} | peak in | step (s) | {vs} | user CPU (s) | {vs} "
         "| first-step peak (MiB) | RSS peak (MiB) | peak breakdown (MiB) |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -474,7 +583,10 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=None, help="default: entries in tokens.json beside the config")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per row (0: memory only)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each row (default: torch's)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--variants", default=None, help=f"default {DEFAULT_VARIANTS}; with --plan-budget: none "
+                   "besides the plan's rows")
+    p.add_argument("--plan-budget", default=None, help="time the plan's checkpointing at this budget (e.g. 3.5GiB)")
+    p.add_argument("--plan-manifest", default=None, help="manifest the plan reads (default: a synthetic one)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--state", default=None, help=argparse.SUPPRESS)
@@ -490,12 +602,20 @@ def main(argv=None):
 
     if not Path(args.config).exists():
         sys.exit(f"config not found: {args.config} (pass --config or set PARATUNE_SHARED_DATA)")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [v.strip() for v in (args.variants or DEFAULT_VARIANTS).split(",") if v.strip()]
+    plan = None
     with tempfile.TemporaryDirectory(prefix="paratune-bench-") as tmp:
+        if args.plan_budget:
+            print(f"planning at {args.plan_budget} (device cpu) ...", flush=True)
+            plan = plan_levers(args, plan_manifest(args, Path(tmp)))
+            args.batch, args.seconds, args.tokens = 1, plan["longest"]["seconds"], plan["longest"]["tokens"]
+            variants = plan_variants(plan, args.variants)
         state = Path(tmp) / "state.pt"
         print("building FunASR's model and the synthetic batch ...", flush=True)
         info = prepare(args, state)
         info["machine"] = machine()
+        if plan and info["lfr_frames"] != plan["longest"]["frames"]:
+            sys.exit(f"the batch has {info['lfr_frames']} LFR frames, the plan's longest {plan['longest']['frames']}")
         rows = []
         for v in variants:
             out = Path(tmp) / f"row{len(rows)}.json"
@@ -514,11 +634,14 @@ def main(argv=None):
                   f"step {row['step_s']:.2f} s {row['step_times_s']}, user CPU {row['step_user_s']:.2f} s "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     text = report(rows, info, args)
+    if plan:
+        plan["measured"] = plan_measured(plan, rows)
+        text += "\n\n" + plan_report(plan)
     print()
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "args": vars(args), "rows": rows}, indent=1),
-                                   encoding="utf-8")
+        out = {"info": info, "args": vars(args), "rows": rows} | ({"plan": plan} if plan else {})
+        Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

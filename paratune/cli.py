@@ -131,7 +131,8 @@ def _plan(args) -> int:
     import time
 
     from paratune.memory.estimate import load_or_fit
-    from paratune.memory.plan import PlanError, make_plan, plan_run, summary, write_png
+    from paratune.memory.plan import PlanError, make_plan, plan_run
+    from paratune.memory.report import summary, write_png
     from paratune.modeldir import ModelDirError
     from paratune.train.config import ConfigError
 
