@@ -182,7 +182,8 @@ def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, 
         why = ("its static memory alone" if search.static(plain) > search.budget else
                "the longest utterance, even with every block checkpointed,")
         notes.append(f"8-bit AdamW state (bitsandbytes): with fp32 AdamW {why} is over the budget; 8-bit state "
-                     f"takes the static memory from {gib(search.static(plain))} to {gib(search.static(chosen))}. "
+                     f"takes the static need (margin included) from {gib(search.static(plain))} to "
+                     f"{gib(search.static(chosen))}. "
                      "Its cost: moments quantized blockwise (256 values per block) and an elementwise "
                      "dequantize-update-requantize per tensor; only weights are exported")
     if chosen.checkpointed:
