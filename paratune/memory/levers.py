@@ -11,9 +11,13 @@ traced step. 8-bit AdamW's update is elementwise (no FLOPs counted): its cost is
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from paratune.memory.trace import StepTracer
+from paratune.io import atomic_write_text
+from paratune.memory.estimate import cache_dir
+from paratune.memory.trace import StepTracer, fit_key
 from paratune.memory.tracker import FIRST, LATER, TAIL
 from paratune.train.step import StepOptions, checkpoint_text
 
@@ -79,12 +83,15 @@ def forced_checkpointing(mode: str, blocks: tuple[int, int]) -> tuple[int, int] 
 
 
 class LeverSearch:
-    """Traces of the longest utterance under candidate lever settings (one tracer per setting, kept)."""
+    """Traces of the longest utterance under candidate lever settings. What a trace gives (static bytes,
+    a shape's need without the margin, a shape's FLOPs) is kept beside the cached fits, one file per
+    model config and options, so a repeated plan builds no tracer."""
 
-    def __init__(self, spec, hotwords, scale: float, budget: int, accumulate: bool):
+    def __init__(self, spec, hotwords, scale: float, budget: int, accumulate: bool, cache: Path | None = None):
         self.spec, self.hotwords, self.scale, self.budget, self.accumulate = spec, hotwords, scale, budget, accumulate
+        self.cache = cache_dir() if cache is None else Path(cache)
         self._tracers: dict[StepOptions, StepTracer] = {}
-        self._needs: dict = {}
+        self._figures: dict[StepOptions, dict] = {}
 
     def tracer(self, options: StepOptions) -> StepTracer:
         if options not in self._tracers:
@@ -92,18 +99,42 @@ class LeverSearch:
                                                 options, hotwords=self.hotwords)
         return self._tracers[options]
 
+    def _path(self, options: StepOptions) -> Path:
+        key = fit_key(self.spec.config, self.spec.vocab_size, self.spec.input_size, options, self.hotwords)
+        return self.cache / f"traces-{key}.json"
+
+    def _figure(self, options: StepOptions, name: str, compute):
+        """A traced figure of `options`, from the cache file or computed (and added to it)."""
+        if options not in self._figures:
+            try:
+                self._figures[options] = json.loads(self._path(options).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self._figures[options] = {}
+        figures = self._figures[options]
+        if not isinstance(figures.get(name), (int, float)):
+            figures[name] = compute()
+            try:
+                self.cache.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self._path(options), json.dumps(figures))
+            except OSError:
+                pass  # a read-only cache costs time, not the plan
+        return figures[name]
+
     def static(self, options: StepOptions) -> float:
-        r = self.tracer(options).resident()
-        return (r["parameters"] + r["buffers"] + r["optimizer_state"] + r["gradients"]) * self.scale
+        def compute():
+            r = self.tracer(options).resident()
+            return r["parameters"] + r["buffers"] + r["optimizer_state"] + r["gradients"]
+        return self._figure(options, "static", compute) * self.scale
 
     def need(self, options: StepOptions, t: int, u: int) -> float:
-        """What one utterance of (T, U) needs alone, margin included (as `Limit.need`)."""
-        key = (options, t, u)
-        if key not in self._needs:
-            traced = self.tracer(options).trace(1, t, u)
-            parts = (FIRST, TAIL, LATER) if self.accumulate else (FIRST, TAIL)
-            self._needs[key] = traced.part_peak(parts) * self.scale
-        return self._needs[key]
+        """What one utterance of (T, U) needs alone, margin included (as `Limit.need`): a step of it, and
+        with accumulation a later micro-batch of it."""
+        parts = (FIRST, TAIL, LATER) if self.accumulate else (FIRST, TAIL)
+        name = f"need:{t}:{u}:{''.join(map(str, parts))}"
+        return self._figure(options, name, lambda: self.tracer(options).trace(1, t, u).part_peak(parts)) * self.scale
+
+    def flops(self, options: StepOptions, t: int, u: int) -> int:
+        return self._figure(options, f"flops:{t}:{u}", lambda: self.tracer(options).flops(1, t, u))
 
     def fewest(self, base: StepOptions, blocks: tuple[int, int], t: int, u: int) -> tuple[int, int] | None:
         """The fewest checkpointed blocks (along `ladder`) with which (1, T, U) fits; None if none does."""
@@ -122,7 +153,7 @@ class LeverSearch:
         if not options.checkpointed:
             return 1.0
         plain = dataclasses.replace(options, checkpointing=(0, 0))
-        return self.tracer(options).flops(1, t, u) / max(1, self.tracer(plain).flops(1, t, u))
+        return self.flops(options, t, u) / max(1, self.flops(plain, t, u))
 
     def alternative(self, options: StepOptions, t: int, u: int, chosen: bool = False) -> Alternative:
         need = self.need(options, t, u)
@@ -143,13 +174,15 @@ def choose_levers(search: LeverSearch, base: StepOptions, config: dict, blocks: 
     """The step options a run takes, and notes on why: for each optimizer in order of preference
     (`optimizer_candidates`) whose static memory fits, the checkpointing `memory.checkpointing` forces,
     or (auto) the fewest blocks with which the longest utterance (T, U) fits; the first optimizer with
-    which it fits, else the first whose static memory fits, with every block checkpointed (auto)."""
+    which it fits, else the first whose static memory fits, with every block checkpointed (auto). Under
+    FSDP: the configured optimizer and no checkpointing, unless forced (`plan_run` then compares none
+    and every block by their sharded fits, as before there were levers)."""
     forced = forced_checkpointing(config["memory"]["checkpointing"], blocks)
     names = optimizer_candidates(config)
-    if fsdp:  # bitsandbytes does not update sharded parameters
+    if fsdp:  # bitsandbytes does not update sharded parameters; a trace here is of the unsharded step
         if names == ["adamw8bit"]:
             raise ValueError("++memory.optimizer_state=8bit does not work with --fsdp (sharded parameters)")
-        names = [n for n in names if n != "adamw8bit"]
+        return dataclasses.replace(base, checkpointing=forced or (0, 0)), []
     t, u = longest
     first = fallback = None
     for name in names:
