@@ -204,10 +204,11 @@ def choose_levers(search: LeverSearch, base: StepOptions, config: dict, blocks: 
         if fits:
             return pick, _notes(search, pick, base, blocks, longest)
     chosen = fallback or dataclasses.replace(first, checkpointing=forced or (0, 0))
-    return chosen, _notes(search, chosen, base, blocks, longest)
+    return chosen, _notes(search, chosen, base, blocks, longest, fits=False)
 
 
-def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, longest) -> list[str]:
+def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, longest,
+           fits: bool = True) -> list[str]:
     from paratune.memory.plan import gib
     notes = []
     if chosen.optimizer != base.optimizer:
@@ -219,7 +220,10 @@ def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, 
                      f"{gib(search.static(chosen))}. "
                      "Its cost: moments quantized blockwise (256 values per block) and an elementwise "
                      "dequantize-update-requantize per tensor; only weights are exported")
-    if chosen.checkpointed:
+    if chosen.checkpointed and not fits:
+        notes.append(f"activation checkpointing of every block: the longest utterance ({longest[0]} frames) does "
+                     "not fit alone even with it")
+    elif chosen.checkpointed:
         enc, dec = chosen.checkpointing
         every = dataclasses.replace(chosen, checkpointing=blocks)
         notes.append(f"activation checkpointing of {enc}/{blocks[0]} encoder and {dec}/{blocks[1]} decoder blocks: "

@@ -15,7 +15,7 @@ from paratune.data.hotwords import HotwordSampling
 from paratune.data.manifest import Lengths
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
 from paratune.memory.estimate import MemoryModel, load_or_fit
-from paratune.memory.levers import LeverSearch, block_counts, choose_levers, levers_dict, weighed
+from paratune.memory.levers import LeverSearch, block_counts, choose_levers, levers_dict, optimizer_candidates, weighed
 from paratune.memory.trace import hotword_bound
 from paratune.train.lora import DEFAULT_TARGETS
 from paratune.train.step import StepOptions
@@ -199,6 +199,24 @@ def _wider(limit: Limit, limit_for, frames, tokens, t: np.ndarray, u: np.ndarray
         reach = min(int(t.max()), 2 * reach)
 
 
+def _fewest_excluded(sampler, options: StepOptions, notes: list[str], blocks, sampler_for):
+    """The traces judged the longest utterance alone; the fits judge every one, as they judge batches.
+    When some do not fit alone under the chosen checkpointing, every block and none are fitted too, and
+    the setting that leaves the fewest out is kept (none on a tie)."""
+    start = options.checkpointing
+    for counts in [c for c in (blocks, (0, 0)) if c != start]:
+        other = dataclasses.replace(options, checkpointing=counts)
+        maybe = sampler_for(other)
+        if _too_big(maybe) < _too_big(sampler) or (counts == (0, 0) and _too_big(maybe) == _too_big(sampler)):
+            sampler, options = maybe, other
+    if options.checkpointing != start:
+        notes = [n for n in notes if not n.startswith("activation checkpointing")]
+        if options.checkpointed:
+            notes.append(f"activation checkpointing of every block: with it {_too_big(sampler)} utterances do not "
+                         "fit even alone, fewer than with any other setting fitted")
+    return sampler, options, notes
+
+
 def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "cuda", world_size: int = 1,
              rank: int = 0, fsdp: bool = False, fit=None, log=None, explain: bool = False) -> RunPlan:
     """The one planning entry of `paratune plan` and `paratune finetune`: the levers (`choose_levers`),
@@ -247,20 +265,16 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
         raise PlanError(str(e)) from e
     sampler = sampler_for(options)
     if mc["checkpointing"] == "auto" and _too_big(sampler):
-        # the trace judged the longest utterance alone; the fit judges every one, as it judges batches
-        for other in [c for c in (blocks, (0, 0)) if c != options.checkpointing]:
-            other = dataclasses.replace(options, checkpointing=other)
-            maybe = sampler_for(other)
-            if _too_big(maybe) < _too_big(sampler) or (not other.checkpointed and _too_big(maybe) == _too_big(sampler)):
-                sampler, options = maybe, other
+        sampler, options, notes = _fewest_excluded(sampler, options, notes, blocks, sampler_for)
     alternatives = weighed(search, options, blocks, (int(padded.max()), int(lengths.tokens.max()))) if explain else []
     limit = sampler.limit
     need_static = limit.model.static_step * limit.scale
     if need_static > budget:
+        tried = " (8-bit AdamW state too)" if "adamw8bit" in optimizer_candidates(config) and not fsdp else ""
         raise PlanError(f"the budget {gib(budget)} is below the static memory of a step, {gib(need_static)} "
                         f"(parameters, gradients and optimizer state{', with the margin' if limit.scale > 1 else ''}"
-                        f", {options.optimizer}): no batch can fit. Raise the budget, shard with --fsdp, freeze "
-                        "modules, or use ++optim_conf.optimizer=sgd")
+                        f", {options.optimizer}{tried}): no batch can fit. Raise the budget, shard with --fsdp, "
+                        "freeze modules, or use ++optim_conf.optimizer=sgd")
     return RunPlan(options, sampler, frames, accum, notes, alternatives, blocks)
 
 

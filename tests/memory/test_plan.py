@@ -100,6 +100,12 @@ def test_utterances_too_long_for_the_budget_are_excluded_with_a_remedy(capsys, t
     reason = plan["excluded"][0]["reason"]
     assert "split it below" in reason and "--long-audio split" in reason and "100.00 GiB" not in reason
     assert "huge" not in [k for b in plan["batches"] for k in b["keys"]]
+    # auto: no lever lets it fit, so none is turned on, and no note claims one made room
+    code, out, err = _plan(capsys, "--data", data, "--budget", "100MiB", "--json")
+    plan = json.loads(out)
+    assert code == 1 and [e["key"] for e in plan["excluded"]] == ["huge"]
+    assert plan["levers"]["checkpointing"] == {"encoder_blocks": 0, "decoder_blocks": 0}
+    assert plan["levers"]["optimizer"] == "adamw" and not any("fits" in n for n in plan["notes"])
 
 
 def test_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit(capsys, tmp_path, cache):
