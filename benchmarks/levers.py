@@ -12,9 +12,10 @@ CPU run of the plan's costliest batches with them.
    Each row: the levers chosen, the plan's notes, batches, utterances excluded, the longest utterance's
    predicted need and step-time factor under each lever setting weighed (`--explain`'s table).
 2. The CPU run: the plan at 3.5 GiB with the 10 % margin, its costliest batches (descending predicted
-   peak) trained for `--steps` steps after a short one that makes the optimizer state, by `train_step` on a model from `prepare_model` with the plan's
-   levers (the trainer's code), random weights and random features, each step tracked by `PeakMemory`
-   (the trainer's CPU tracker): tracked peak against the budget and against the plan's prediction.
+   peak) trained for `--steps` steps, after a short one that makes the optimizer state, by `train_step`
+   on a model from `prepare_model` with the plan's levers (the trainer's code), random weights and random
+   features, each step tracked by `PeakMemory` (the trainer's CPU tracker): tracked peak against the
+   budget and against the plan's prediction.
 The fits are cached (`$PARATUNE_CACHE`, default a folder beside --out): a second run plans in seconds.
 """
 from __future__ import annotations
@@ -82,7 +83,8 @@ def cpu_run(spec, the_plan, steps: int) -> list[dict]:
         batch["speech"] = torch.randn_like(batch["speech"])
         t0 = time.perf_counter()
         with tracker:
-            train_step(ready.model, ready.optimizer, batch, options.grad_clip, PRECISIONS[options.precision], ready.scaler)
+            train_step(ready.model, ready.optimizer, batch, options.grad_clip, PRECISIONS[options.precision],
+                       ready.scaler)
         out.append({"batch": b, "frames": t, "tokens": u, "tracked_peak_gib": tracker.peak / GIB,
                     "predicted_gib": float(the_plan.predicted()[i]) / GIB, "budget_gib": the_plan.budget / GIB,
                     "seconds": round(time.perf_counter() - t0, 1)})

@@ -187,7 +187,8 @@ class Finetune:
         self.log(f"plan: {len(self.train_rows)} utterances, {len(self.sampler)} batches per epoch"
                  f"{' per rank' if self.world.size > 1 else ''}, budget {gib(self.budget)}, static "
                  f"{gib(self.limit.model.static_step)}, precision {options.precision}, checkpointing "
-                 f"{checkpoint_text(options.checkpointing)} blocks, optimizer {options.optimizer}, accumulation {self.accum}, "
+                 f"{checkpoint_text(options.checkpointing)} blocks, optimizer {options.optimizer}, "
+                 f"accumulation {self.accum}, "
                  f"{'calibrated' if self.limit.calibrated else 'uncalibrated'}")
 
     def _resume(self) -> None:

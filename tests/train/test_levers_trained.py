@@ -69,8 +69,8 @@ def test_8bit_adamw_is_chosen_when_fp32_state_cannot_fit_and_trained_as_planned(
     assert code == 0 and roomy["levers"]["optimizer"] == "adamw"
 
     exp = tmp_path / "exp"
-    code = Finetune(FinetuneOptions(model=MODEL, train=[train], output=exp, budget=budget, device="cpu", from_scratch=True,
-                                    overrides=COMMON)).run()
+    code = Finetune(FinetuneOptions(model=MODEL, train=[train], output=exp, budget=budget, device="cpu",
+                                    from_scratch=True, overrides=COMMON)).run()
     assert code == 0
     rows = list(csv.DictReader((exp / "memory.csv").open()))
     assert len(rows) == len(planned["batches"]) >= 2
