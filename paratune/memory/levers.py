@@ -202,16 +202,20 @@ def choose_levers(search: LeverSearch, base: StepOptions, config: dict, blocks: 
             log(f"{describe(pick, blocks)}: the longest utterance ({t} frames, {u} tokens) "
                 f"{'fits' if fits else 'does not fit'} alone")
         if fits:
-            return pick, _notes(search, pick, base, blocks, longest)
+            return pick, _notes(search, pick, base, blocks, longest, config)
     chosen = fallback or dataclasses.replace(first, checkpointing=forced or (0, 0))
-    return chosen, _notes(search, chosen, base, blocks, longest, fits=False)
+    return chosen, _notes(search, chosen, base, blocks, longest, config, fits=False)
 
 
-def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, longest,
+def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, longest, config: dict,
            fits: bool = True) -> list[str]:
+    """Why each lever is on: what the budget needed, or that the configuration forced it."""
     from paratune.memory.plan import gib
     notes = []
-    if chosen.optimizer != base.optimizer:
+    mc = config["memory"]
+    if chosen.optimizer != base.optimizer and mc["optimizer_state"] == "8bit":
+        notes.append("8-bit AdamW state (bitsandbytes), as memory.optimizer_state asks")
+    elif chosen.optimizer != base.optimizer:
         plain = dataclasses.replace(chosen, optimizer=base.optimizer)
         why = ("its static memory alone" if search.static(plain) > search.budget else
                "the longest utterance, even with every block checkpointed,")
@@ -220,7 +224,10 @@ def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, 
                      f"{gib(search.static(chosen))}. "
                      "Its cost: moments quantized blockwise (256 values per block) and an elementwise "
                      "dequantize-update-requantize per tensor; only weights are exported")
-    if chosen.checkpointed and not fits:
+    if chosen.checkpointed and mc["checkpointing"] != "auto":
+        notes.append(f"activation checkpointing of {describe(chosen, blocks).partition('checkpointing ')[2]}, as "
+                     f"memory.checkpointing asks; the longest utterance {'fits' if fits else 'does not fit'} alone")
+    elif chosen.checkpointed and not fits:
         notes.append(f"activation checkpointing of every block: the longest utterance ({longest[0]} frames) does "
                      "not fit alone even with it")
     elif chosen.checkpointed:

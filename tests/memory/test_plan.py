@@ -136,8 +136,10 @@ def test_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit(capsys, tmp_p
     assert code == 1 and [e["key"] for e in json.loads(out)["excluded"]] == ["long"]
     # forced: exactly what is asked
     code, out, err = _plan(capsys, "--data", data, "--budget", budget, "--json", "--checkpointing", "all/1")
-    assert code == 0 and json.loads(out)["levers"]["checkpointing"] == {"encoder_blocks": ladder[-1][0],
-                                                                          "decoder_blocks": 1}
+    forced = json.loads(out)
+    assert code == 0 and forced["levers"]["checkpointing"] == {"encoder_blocks": ladder[-1][0], "decoder_blocks": 1}
+    assert any("as memory.checkpointing asks" in n for n in forced["notes"])
+    assert not any("the fewest" in n for n in forced["notes"])
     # with room to spare, auto leaves it off
     code, out, err = _plan(capsys, "--data", data, "--budget", need[False] * 2, "--json")
     assert code == 0 and json.loads(out)["levers"]["checkpointing"] == {"encoder_blocks": 0, "decoder_blocks": 0}
