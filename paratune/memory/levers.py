@@ -101,7 +101,7 @@ class LeverSearch:
 
     def _path(self, options: StepOptions) -> Path:
         key = fit_key(self.spec.config, self.spec.vocab_size, self.spec.input_size, options, self.hotwords)
-        return self.cache / f"traces-{key}.json"
+        return self.cache / "traces" / f"{key}.json"  # apart from the fits, which are globbed by key
 
     def _figure(self, options: StepOptions, name: str, compute):
         """A traced figure of `options`, from the cache file or computed (and added to it)."""
@@ -114,7 +114,7 @@ class LeverSearch:
         if not isinstance(figures.get(name), (int, float)):
             figures[name] = compute()
             try:
-                self.cache.mkdir(parents=True, exist_ok=True)
+                self._path(options).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self._path(options), json.dumps(figures))
             except OSError:
                 pass  # a read-only cache costs time, not the plan
