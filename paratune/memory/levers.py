@@ -19,7 +19,7 @@ from paratune.io import atomic_write_text
 from paratune.memory.estimate import cache_dir
 from paratune.memory.trace import StepTracer, fit_key
 from paratune.memory.tracker import FIRST, LATER, TAIL
-from paratune.train.step import StepOptions, checkpoint_text
+from paratune.train.step import ALL, StepOptions, checkpoint_counts
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,14 @@ def levers_dict(options: StepOptions) -> dict:
             "optimizer": options.optimizer}
 
 
-def describe(options: StepOptions, blocks: tuple[int, int]) -> str:
+def blocks_text(options: StepOptions, blocks: tuple[int, int]) -> str:
+    """'28/50 encoder and 0/17 decoder blocks'."""
     enc, dec = options.checkpointing
-    ckpt = "no checkpointing" if not options.checkpointed else \
-        f"checkpointing {enc}/{blocks[0]} encoder and {dec}/{blocks[1]} decoder blocks"
+    return f"{enc}/{blocks[0]} encoder and {dec}/{blocks[1]} decoder blocks"
+
+
+def describe(options: StepOptions, blocks: tuple[int, int]) -> str:
+    ckpt = f"checkpointing {blocks_text(options, blocks)}" if options.checkpointed else "no checkpointing"
     return f"{options.optimizer}, {ckpt}"
 
 
@@ -73,7 +77,6 @@ def optimizer_candidates(config: dict) -> list[str]:
 
 def forced_checkpointing(mode: str, blocks: tuple[int, int]) -> tuple[int, int] | None:
     """`memory.checkpointing` as counts: off, on (all) or "E/D" ("all" allowed); None for auto."""
-    from paratune.train.step import ALL, checkpoint_counts
     if mode == "auto":
         return None
     if mode in ("on", "off"):
@@ -225,15 +228,14 @@ def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, 
                      "Its cost: moments quantized blockwise (256 values per block) and an elementwise "
                      "dequantize-update-requantize per tensor; only weights are exported")
     if chosen.checkpointed and mc["checkpointing"] != "auto":
-        notes.append(f"activation checkpointing of {describe(chosen, blocks).partition('checkpointing ')[2]}, as "
-                     f"memory.checkpointing asks; the longest utterance {'fits' if fits else 'does not fit'} alone")
+        notes.append(f"activation checkpointing of {blocks_text(chosen, blocks)}, as memory.checkpointing asks; "
+                     f"the longest utterance {'fits' if fits else 'does not fit'} alone")
     elif chosen.checkpointed and not fits:
         notes.append(f"activation checkpointing of every block: the longest utterance ({longest[0]} frames) does "
                      "not fit alone even with it")
     elif chosen.checkpointed:
-        enc, dec = chosen.checkpointing
         every = dataclasses.replace(chosen, checkpointing=blocks)
-        notes.append(f"activation checkpointing of {enc}/{blocks[0]} encoder and {dec}/{blocks[1]} decoder blocks: "
+        notes.append(f"activation checkpointing of {blocks_text(chosen, blocks)}: "
                      f"the fewest with which the longest utterance ({longest[0]} frames) fits; predicted step time "
                      f"x{search.factor(chosen, *longest):.3f} (every block: x{search.factor(every, *longest):.3f})")
     return notes
@@ -265,5 +267,5 @@ def text(alternatives: list[Alternative], blocks: tuple[int, int], budget: int) 
     return lines
 
 
-__all__ = ["Alternative", "LeverSearch", "block_counts", "checkpoint_text", "choose_levers", "describe",
+__all__ = ["Alternative", "LeverSearch", "block_counts", "blocks_text", "choose_levers", "describe",
            "forced_checkpointing", "ladder", "levers_dict", "optimizer_candidates", "text", "weighed"]

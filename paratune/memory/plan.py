@@ -257,16 +257,15 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
     base = step_options(config, device, world_size, fsdp)
     scale = 1.0 + (mc["margin"] if mc["margin"] is not None else UNCALIBRATED_MARGIN[device])
     search = LeverSearch(spec, hotwords, scale, budget, accum > 1)
-    blocks = block_counts(spec)
+    blocks, longest = block_counts(spec), (int(padded.max()), int(lengths.tokens.max()))
     try:
-        options, notes = choose_levers(search, base, config, blocks, (int(padded.max()), int(lengths.tokens.max())),
-                                       fsdp, log)
+        options, notes = choose_levers(search, base, config, blocks, longest, fsdp, log)
     except ValueError as e:
         raise PlanError(str(e)) from e
     sampler = sampler_for(options)
     if mc["checkpointing"] == "auto" and _too_big(sampler):
         sampler, options, notes = _fewest_excluded(sampler, options, notes, blocks, sampler_for)
-    alternatives = weighed(search, options, blocks, (int(padded.max()), int(lengths.tokens.max()))) if explain else []
+    alternatives = weighed(search, options, blocks, longest) if explain else []
     limit = sampler.limit
     need_static = limit.model.static_step * limit.scale
     if need_static > budget:

@@ -21,8 +21,7 @@ DEFAULTS = {
                      "hotword_double_rate": 0.1},  # SeACo only: FunASR's hotword sampling
     # fit_timeout_s: how long other ranks wait for rank 0's memory fit before they give up
     "memory": {"precision": "fp32", "checkpointing": "auto", "optimizer_state": "auto", "margin": None,
-               "cpu_track_every": 10,
-               "fit_timeout_s": 1800},
+               "cpu_track_every": 10, "fit_timeout_s": 1800},
     "freeze": [],
     "lora": {"r": 0, "alpha": 16.0, "dropout": 0.05, "targets": None},  # r > 0: train LoRA adapters only
 }
