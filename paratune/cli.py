@@ -176,10 +176,11 @@ def _plan(args) -> int:
         if not _calibrate(args, spec, plan):
             return EXIT_FAILED
 
-    if args.explain:
+    if args.explain:  # for people: beside --json's one line on stdout, on stderr
         from paratune.memory.levers import text
-        print("\n".join(text(plan.run.alternatives, plan.run.blocks, plan.budget)))
-        _explain(args, spec, plan)
+        out = sys.stderr if args.json else sys.stdout
+        print("\n".join(text(plan.run.alternatives, plan.run.blocks, plan.budget)), file=out)
+        _explain(spec, plan, out)
     if args.png:
         write_png(plan, args.png)
     result = plan.to_dict()
@@ -232,7 +233,7 @@ def _calibrate(args, spec, plan) -> bool:
     return True
 
 
-def _explain(args, spec, plan) -> None:
+def _explain(spec, plan, out) -> None:
     """Trace the costliest batch and say where its peak goes."""
     import numpy as np
 
@@ -247,10 +248,11 @@ def _explain(args, spec, plan) -> None:
     # with accumulation the costliest micro-batch is a later one: every gradient is allocated by then
     traced = tracer.trace_step([(b, t, u)] * (2 if plan.run.accum > 1 else 1))
     print(f"where the peak goes, costliest batch (B={b}, T={t}, U={u}), traced: {traced.peak / 2**30:.3f} GiB"
-          + (" on one device (before FSDP sharding)" if plan.limit.model.options.get("fsdp_world_size") else ""))
+          + (" on one device (before FSDP sharding)" if plan.limit.model.options.get("fsdp_world_size") else ""),
+          file=out)
     for tag, n in sorted(traced.breakdown.items(), key=lambda kv: -kv[1]):
         if n > 0:
-            print(f"  {tag:<24} {n / 2**30:8.3f} GiB  {100 * n / traced.peak:5.1f} %")
+            print(f"  {tag:<24} {n / 2**30:8.3f} GiB  {100 * n / traced.peak:5.1f} %", file=out)
 
 
 def _prepare(args) -> int:

@@ -37,9 +37,9 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpointing", metavar="auto|on|off|E/D",
                    help="activation checkpointing: auto (default): the fewest blocks with which the longest "
                         "utterance fits; on/off: every block or none; E/D: the first E encoder and D decoder blocks")
-    p.add_argument("--optimizer-state", choices=["auto", "fp32", "8bit"],
-                   help="memory.optimizer_state: AdamW's state in fp32 or 8 bits (bitsandbytes); auto (default): "
-                        "8-bit only when the budget needs it")
+    p.add_argument("--optimizer-state", choices=["auto", "fp32", "8bit", "offload"],
+                   help="memory.optimizer_state: AdamW's state in fp32, in 8 bits (bitsandbytes) or in host memory "
+                        "(offload, GPU only); auto (default): 8-bit, then offload, only when the budget needs it")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], help="optim_conf.optimizer (default adamw)")
     p.add_argument("--freeze", nargs="*", default=None, metavar="PREFIX",
                    help="parameter-name prefixes not trained, e.g. encoder.")

@@ -1,12 +1,14 @@
 """The memory levers a plan chooses: how many blocks of each stack to checkpoint, and whether AdamW
-keeps its state in 8 bits. `plan_run` asks `LeverSearch` for the fewest checkpointed blocks that let
-the run's longest utterance fit, first with the configured optimizer and, only if no checkpointing is
-enough (or the static memory alone is over the budget), with 8-bit AdamW. Each candidate is judged by
+keeps its state in 8 bits or in host memory. `plan_run` asks `LeverSearch` for the fewest checkpointed
+blocks that let the run's longest utterance fit, first with the configured optimizer and, only if no
+checkpointing is enough (or the static memory alone is over the budget), with 8-bit AdamW, then (on a
+GPU) with AdamW's state in host memory (`paratune.train.offload`). Each candidate is judged by
 tracing the step it would run (`StepTracer`), never by a formula.
 
 The cost of a choice is its predicted step-time factor: the step's matrix-multiply FLOPs with the
 checkpointed blocks' forward recomputed, over the FLOPs without checkpointing, counted on the same
-traced step. 8-bit AdamW's update is elementwise (no FLOPs counted): its cost is stated in words.
+traced step. 8-bit AdamW's update is elementwise (no FLOPs counted): its cost is stated in words; the
+host-memory state's in bytes of host memory and of copies per step.
 """
 from __future__ import annotations
 
@@ -64,15 +66,26 @@ def ladder(blocks: tuple[int, int]) -> list[tuple[int, int]]:
     return [(k, 0) for k in range(enc + 1)] + [(enc, k) for k in range(1, dec + 1)]
 
 
-def optimizer_candidates(config: dict) -> list[str]:
+STATE_OPTIMIZERS = {"8bit": "adamw8bit", "offload": "adamw_offload"}  # memory.optimizer_state -> optimizer
+LABELS = {"adamw": "fp32 AdamW", "sgd": "SGD", "adamw8bit": "8-bit AdamW state (bitsandbytes)",
+          "adamw_offload": "AdamW state in host memory"}
+
+
+def optimizer_candidates(config: dict, device: str = "cuda") -> list[str]:
     """The optimizers the plan may use, in order of preference: the configured one, then (AdamW, with
-    `memory.optimizer_state: auto`) its 8-bit form."""
+    `memory.optimizer_state: auto`) its 8-bit form and, on a GPU, AdamW with its state in host memory
+    (on a CPU the state is in host memory already)."""
     name, state = config["optim_conf"]["optimizer"], config["memory"]["optimizer_state"]
-    if state == "8bit":
+    if state in STATE_OPTIMIZERS:
         if name != "adamw":
-            raise ValueError(f"++memory.optimizer_state=8bit: only AdamW keeps an 8-bit state here, not {name}")
-        return ["adamw8bit"]
-    return ["adamw", "adamw8bit"] if name == "adamw" and state == "auto" else [name]
+            raise ValueError(f"++memory.optimizer_state={state}: only AdamW's state is handled so, not {name}'s")
+        if state == "offload" and device != "cuda":
+            raise ValueError("++memory.optimizer_state=offload moves AdamW's state from a GPU to host memory: "
+                             "on a CPU it is in host memory already")
+        return [STATE_OPTIMIZERS[state]]
+    if name != "adamw" or state != "auto":
+        return [name]
+    return ["adamw", "adamw8bit", "adamw_offload"] if device == "cuda" else ["adamw", "adamw8bit"]
 
 
 def forced_checkpointing(mode: str, blocks: tuple[int, int]) -> tuple[int, int] | None:
@@ -129,6 +142,10 @@ class LeverSearch:
             return r["parameters"] + r["buffers"] + r["optimizer_state"] + r["gradients"]
         return self._figure(options, "static", compute) * self.scale
 
+    def gradients(self, options: StepOptions) -> int:
+        """Bytes of the trained parameters' gradients (no margin)."""
+        return self._figure(options, "gradients", lambda: self.tracer(options).resident()["gradients"])
+
     def need(self, options: StepOptions, t: int, u: int) -> float:
         """What one utterance of (T, U) needs alone, margin included (as `Limit.need`): a step of it, and
         with accumulation a later micro-batch of it."""
@@ -181,10 +198,11 @@ def choose_levers(search: LeverSearch, base: StepOptions, config: dict, blocks: 
     FSDP: the configured optimizer and no checkpointing, unless forced (`plan_run` then compares none
     and every block by their sharded fits, as before there were levers)."""
     forced = forced_checkpointing(config["memory"]["checkpointing"], blocks)
-    names = optimizer_candidates(config)
-    if fsdp:  # bitsandbytes does not update sharded parameters; a trace here is of the unsharded step
-        if names == ["adamw8bit"]:
-            raise ValueError("++memory.optimizer_state=8bit does not work with --fsdp (sharded parameters)")
+    names = optimizer_candidates(config, base.device)
+    if fsdp:  # neither state lever updates sharded parameters; a trace here is of the unsharded step
+        if names[0] != base.optimizer:
+            state = config["memory"]["optimizer_state"]
+            raise ValueError(f"++memory.optimizer_state={state} does not work with --fsdp (sharded parameters)")
         return dataclasses.replace(base, checkpointing=forced or (0, 0)), []
     t, u = longest
     first = fallback = None
@@ -216,17 +234,18 @@ def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, 
     from paratune.memory.plan import gib
     notes = []
     mc = config["memory"]
-    if chosen.optimizer != base.optimizer and mc["optimizer_state"] == "8bit":
-        notes.append("8-bit AdamW state (bitsandbytes), as memory.optimizer_state asks")
+    if chosen.optimizer != base.optimizer and mc["optimizer_state"] != "auto":
+        notes.append(f"{LABELS[chosen.optimizer]}, as memory.optimizer_state asks")
     elif chosen.optimizer != base.optimizer:
-        plain = dataclasses.replace(chosen, optimizer=base.optimizer)
-        why = ("its static memory alone" if search.static(plain) > search.budget else
-               "the longest utterance, even with every block checkpointed,")
-        notes.append(f"8-bit AdamW state (bitsandbytes): with fp32 AdamW {why} is over the budget; 8-bit state "
-                     f"takes the static need (margin included) from {gib(search.static(plain))} to "
-                     f"{gib(search.static(chosen))}. "
-                     "Its cost: moments quantized blockwise (256 values per block) and an elementwise "
-                     "dequantize-update-requantize per tensor; only weights are exported")
+        names = optimizer_candidates(config, base.device)
+        tried = [dataclasses.replace(chosen, optimizer=n) for n in names[:names.index(chosen.optimizer)]]
+        why = "; ".join(f"with {LABELS[o.optimizer]} " + (
+            "its static memory alone" if search.static(o) > search.budget else
+            "the longest utterance, even with every block checkpointed,") + " is over the budget" for o in tried)
+        plain = tried[0]
+        notes.append(f"{LABELS[chosen.optimizer]}: {why}. It takes the static need (margin included) from "
+                     f"{gib(search.static(plain))} to {gib(search.static(chosen))}. Its cost: "
+                     f"{_cost(search, chosen)}; only weights are exported")
     if chosen.checkpointed and mc["checkpointing"] != "auto":
         notes.append(f"activation checkpointing of {blocks_text(chosen, blocks)}, as memory.checkpointing asks; "
                      f"the longest utterance {'fits' if fits else 'does not fit'} alone")
@@ -241,12 +260,23 @@ def _notes(search: LeverSearch, chosen: StepOptions, base: StepOptions, blocks, 
     return notes
 
 
+def _cost(search: LeverSearch, options: StepOptions) -> str:
+    """What an optimizer-state lever costs, in words and bytes."""
+    from paratune.memory.plan import gib
+    if options.optimizer == "adamw8bit":
+        return ("moments quantized blockwise (256 values per block) and an elementwise "
+                "dequantize-update-requantize per tensor")
+    grads = search.gradients(options)
+    return (f"{gib(4 * grads)} of host memory (an fp32 copy of the weights, their gradients and both moments), "
+            f"{gib(grads)} copied each way per step (gradients to the host, weights back) and AdamW run on the CPU")
+
+
 def weighed(search: LeverSearch, chosen: StepOptions, blocks, longest) -> list[Alternative]:
-    """The chosen setting and those beside it: no checkpointing, every block, and (if it was not chosen)
-    the configured optimizer's state in full precision."""
+    """The chosen setting and those beside it: no checkpointing, every block, and (if an optimizer-state
+    lever was chosen) the same with the state levers before it: fp32 AdamW, and 8-bit before offloading."""
     others = [dataclasses.replace(chosen, checkpointing=c) for c in ((0, 0), blocks)]
-    if chosen.optimizer == "adamw8bit":
-        others += [dataclasses.replace(o, optimizer="adamw") for o in (chosen, *others)]
+    before = {"adamw8bit": ["adamw"], "adamw_offload": ["adamw", "adamw8bit"]}.get(chosen.optimizer, [])
+    others += [dataclasses.replace(o, optimizer=n) for n in before for o in (chosen, *others)]
     seen = {chosen}
     out = [search.alternative(chosen, *longest, chosen=True)]
     for o in others:

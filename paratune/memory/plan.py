@@ -1,6 +1,6 @@
-"""The memory plan of a run: the levers (`paratune.memory.levers`: checkpointed blocks, 8-bit AdamW
-state), the fitted memory model under the budget (`Limit`), and the sampler whose batches training will
-use. `plan_run` is the one entry: `paratune plan` reports what it decides (`paratune.memory.report`),
+"""The memory plan of a run: the levers (`paratune.memory.levers`: checkpointed blocks, 8-bit or
+host-memory AdamW state), the fitted memory model under the budget (`Limit`), and the sampler whose
+batches training will use. `plan_run` is the one entry: `paratune plan` reports what it decides (`paratune.memory.report`),
 and `paratune finetune` trains with it, from the same configuration.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from paratune.data.hotwords import HotwordSampling
 from paratune.data.manifest import Lengths
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
 from paratune.memory.estimate import MemoryModel, load_or_fit
-from paratune.memory.levers import LeverSearch, block_counts, choose_levers, levers_dict, optimizer_candidates, weighed
+from paratune.memory.levers import (LABELS, LeverSearch, block_counts, choose_levers, levers_dict, optimizer_candidates,
+                                    weighed)
 from paratune.memory.trace import hotword_bound
 from paratune.train.lora import DEFAULT_TARGETS
 from paratune.train.step import StepOptions
@@ -269,7 +270,8 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
     limit = sampler.limit
     need_static = limit.model.static_step * limit.scale
     if need_static > budget:
-        tried = " (8-bit AdamW state too)" if "adamw8bit" in optimizer_candidates(config) and not fsdp else ""
+        others = [LABELS[n] for n in optimizer_candidates(config, device)[1:]] if not fsdp else []
+        tried = f" ({' and '.join(others)} too)" if others and options.optimizer == base.optimizer else ""
         raise PlanError(f"the budget {gib(budget)} is below the static memory of a step, {gib(need_static)} "
                         f"(parameters, gradients and optimizer state{', with the margin' if limit.scale > 1 else ''}"
                         f", {options.optimizer}{tried}): no batch can fit. Raise the budget, shard with --fsdp, "

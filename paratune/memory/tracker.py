@@ -77,11 +77,14 @@ class PeakMemory(TorchDispatchMode):
         # a CPU step's 8-bit AdamW: its update's temporaries (CUDA's kernel has none)
         cpu_8bit = type(optimizer).__module__.startswith("bitsandbytes") and not cuda_blocks
         self._kernels = Adam8bitCpu() if cpu_8bit else None
+        self._host: set[int] = set()  # storages an offloading optimizer keeps in host memory: not counted
 
     # -- bookkeeping
     def _track(self, t: torch.Tensor, tag: str, retag: bool = False) -> None:
         st = t.untyped_storage()
         key = id(st)
+        if key in self._host:
+            return
         entry = self._live.get(key)
         if entry is not None:
             if retag and entry[1] != tag:
@@ -198,6 +201,8 @@ class PeakMemory(TorchDispatchMode):
     def __enter__(self):
         # re-entrant: tensors tracked in an earlier `with` and still alive stay counted (a leak shows
         # as `current` rising from one tracked step to the next); the peak starts afresh
+        host = getattr(self.optimizer, "host_tensors", None)
+        self._host = {id(t.untyped_storage()) for t in host()} if host else set()
         self._track_resident()
         self.peak = self.current
         self.at_peak = {k: v for k, v in self.by_tag.items() if v}

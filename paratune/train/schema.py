@@ -135,8 +135,9 @@ SCHEMA = {
                      "hotword_min_length": Num(True, 1), "hotword_max_length": Num(True, 1),
                      "hotword_sample_rate": Num(lo=0, hi=1), "hotword_double_rate": Num(lo=0, hi=1)},
     "memory": {"precision": Choice(("fp32", "bf16", "fp16")), "checkpointing": Checkpointing(),
-               # AdamW's state: auto (8-bit only when the budget needs it), fp32, or 8bit (bitsandbytes)
-               "optimizer_state": Choice(("auto", "fp32", "8bit")),
+               # AdamW's state: auto (8-bit, then on a GPU host memory, only when the budget needs it),
+               # fp32, 8bit (bitsandbytes) or offload (host memory: paratune.train.offload)
+               "optimizer_state": Choice(("auto", "fp32", "8bit", "offload")),
                "margin": Num(lo=0, hi=1, null=True),  # the share of the budget kept free
                "cpu_track_every": Num(True, 1), "fit_timeout_s": POSITIVE},
     "freeze": Strings(),

@@ -24,7 +24,8 @@ from paratune.data.hotwords import with_hotwords
 from paratune.data.loader import INPUTS
 from paratune.train import distributed
 
-OPTIMIZERS = ("adamw", "sgd", "adamw8bit")  # adamw8bit: bitsandbytes' blockwise 8-bit state
+# adamw8bit: bitsandbytes' blockwise 8-bit state; adamw_offload: the state in host memory (paratune.train.offload)
+OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "adamw_offload")
 ALL = -1  # checkpointing every block of a stack
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,7 +40,7 @@ class StepOptions:
     checkpointing: tuple[int, int] = (0, 0)
     frozen: tuple[str, ...] = ()  # parameter-name prefixes not trained, e.g. ("encoder.",)
     grad_clip: float | None = 5.0
-    optimizer: str = "adamw"  # adamw | sgd (with momentum) | adamw8bit
+    optimizer: str = "adamw"  # adamw | sgd (with momentum) | adamw8bit | adamw_offload
     ddp: bool = False  # gradients averaged over ranks after the micro-batches (bucketed all-reduce)
     device: str = "cpu"  # where the step runs: CUDA rounds every tensor to 512 bytes
     lora_r: int = 0  # LoRA adapters of this rank (0: none) on lora_targets; the base weights are frozen
@@ -97,7 +98,8 @@ def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0
     The fused kernel updates each tensor in place; the default multi-tensor path allocates
     temporaries as large as all parameters together at step time, which is often the step's peak.
     adamw8bit keeps both moments in 8 bits per element (bitsandbytes: blockwise quantization, 256 per
-    block; tensors under 4,096 elements stay fp32): 2 bytes per parameter instead of 8.
+    block; tensors under 4,096 elements stay fp32): 2 bytes per parameter instead of 8. adamw_offload
+    keeps none on the device: `HostAdamW` updates a host copy of the weights.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -109,10 +111,13 @@ def make_optimizer(model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.0
     if name == "sgd":  # fused SGD has no rule for FSDP's sharded parameters
         fused = fused and not any(isinstance(p, DTensor) for p in params)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
+    if name in ("adamw8bit", "adamw_offload") and any(isinstance(p, DTensor) for p in params):
+        raise ValueError(f"{name} does not update FSDP's sharded parameters: use adamw with --fsdp")
     if name == "adamw8bit":
-        if any(isinstance(p, DTensor) for p in params):
-            raise ValueError("adamw8bit does not update FSDP's sharded parameters: use adamw with --fsdp")
         return import_bitsandbytes().optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "adamw_offload":
+        from paratune.train.offload import HostAdamW
+        return HostAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 

@@ -1,6 +1,8 @@
-"""The plan's optimizer lever, end to end: at a budget below fp32 AdamW's static memory `paratune plan`
+"""The plan's optimizer levers, end to end: at a budget below fp32 AdamW's static memory `paratune plan`
 chooses 8-bit AdamW, and `paratune finetune` trains with exactly that choice, every tracked step under
-the budget and within 3 % of its prediction, and exports weights FunASR's directory layout loads."""
+the budget and within 3 % of its prediction, and exports weights FunASR's directory layout loads. On a
+GPU budget where even 8-bit state leaves the longest utterance no room, the plan keeps AdamW's state in
+host memory (a plan only: training it needs a GPU)."""
 from __future__ import annotations
 
 import csv
@@ -35,8 +37,8 @@ def static(optimizer: str) -> int:
     return r["parameters"] + r["buffers"] + r["optimizer_state"] + r["gradients"]
 
 
-def plan(capsys, train, budget: int, *extra) -> tuple[int, dict, str]:
-    code = main(["plan", "--model", str(MODEL), "--data", str(train), "--budget", str(budget), "--device", "cpu",
+def plan(capsys, train, budget: int, *extra, device: str = "cpu") -> tuple[int, dict, str]:
+    code = main(["plan", "--model", str(MODEL), "--data", str(train), "--budget", str(budget), "--device", device,
                  "--json", "--png", "", *COMMON, *extra])
     out = capsys.readouterr()
     return code, (json.loads(out.out) if out.out.strip() else {}), out.err
@@ -86,3 +88,33 @@ def test_8bit_adamw_is_chosen_when_fp32_state_cannot_fit_and_trained_as_planned(
         sorted(k for b in planned["batches"] for k in b["keys"])
     # only weights are exported: the model directory loads as any other
     assert load_model(exp / "final").model is not None
+
+
+def chosen_need(capsys, train, *levers) -> int:
+    """The predicted need (margin included) of the longest utterance with these forced levers, on a GPU."""
+    code, planned, err = plan(capsys, train, 2 ** 34, *levers, "--explain", device="cuda")
+    assert code == 0, err
+    return next(a["predicted_need_bytes"] for a in planned["levers_weighed"] if a["chosen"])
+
+
+@pytest.mark.slow
+def test_state_in_host_memory_is_chosen_on_a_gpu_when_8bit_state_cannot_fit(capsys, train, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    eight = chosen_need(capsys, train, "--optimizer-state", "8bit", "--checkpointing", "on")
+    host = chosen_need(capsys, train, "--optimizer-state", "offload", "--checkpointing", "on")
+    assert host < eight
+    budget = (host + eight) // 2  # 8-bit state does not fit even with every block checkpointed
+
+    code, planned, err = plan(capsys, train, budget, "--explain", device="cuda")
+    assert code == 0, err
+    assert planned["levers"]["optimizer"] == "adamw_offload" and not planned["excluded"]
+    note = next(n for n in planned["notes"] if n.startswith("AdamW state in host memory"))
+    assert "with 8-bit AdamW state" in note and "of host memory" in note and "copied each way" in note
+    weighed = {(a["optimizer"], a["checkpointing"]["encoder_blocks"]): a for a in planned["levers_weighed"]}
+    assert not any(a["fits"] for (name, _), a in weighed.items() if name != "adamw_offload")
+    assert all(a["predicted_need_bytes"] <= budget for a in planned["levers_weighed"] if a["chosen"])
+    # the same data on a CPU: the state is in host memory already, so the lever is never offered
+    code, _, err = plan(capsys, train, budget, "--optimizer-state", "offload")
+    assert code == 2 and "on a CPU it is in host memory already" in err
+    code, cpu, err = plan(capsys, train, budget)
+    assert cpu.get("levers", {}).get("optimizer") != "adamw_offload"
