@@ -132,7 +132,7 @@ def _plan(args) -> int:
 
     from paratune.memory.estimate import load_or_fit
     from paratune.memory.plan import PlanError, make_plan, plan_run
-    from paratune.memory.report import summary, write_png
+    from paratune.memory.report import explain_peak, summary, write_png
     from paratune.modeldir import ModelDirError
     from paratune.train.config import ConfigError
 
@@ -180,7 +180,7 @@ def _plan(args) -> int:
         from paratune.memory.levers import text
         out = sys.stderr if args.json else sys.stdout
         print("\n".join(text(plan.run.alternatives, plan.run.blocks, plan.budget)), file=out)
-        _explain(spec, plan, out)
+        explain_peak(spec, plan, out)
     if args.png:
         write_png(plan, args.png)
     result = plan.to_dict()
@@ -231,28 +231,6 @@ def _calibrate(args, spec, plan) -> bool:
     atomic_write_text(path, json.dumps(model.to_dict()))
     _log(f"stored the calibration in {path}; later plans use it")
     return True
-
-
-def _explain(spec, plan, out) -> None:
-    """Trace the costliest batch and say where its peak goes."""
-    import numpy as np
-
-    from paratune.memory.trace import StepOptions, StepTracer
-
-    shapes = plan.batch_shapes()
-    if not len(shapes):
-        return
-    b, t, u = (int(x) for x in shapes[int(np.argmax(plan.predicted()))])
-    opts = {k: v for k, v in plan.limit.model.options.items() if k in StepOptions.__dataclass_fields__}
-    tracer = StepTracer(spec.config, spec.vocab_size, spec.input_size, StepOptions(**opts))
-    # with accumulation the costliest micro-batch is a later one: every gradient is allocated by then
-    traced = tracer.trace_step([(b, t, u)] * (2 if plan.run.accum > 1 else 1))
-    print(f"where the peak goes, costliest batch (B={b}, T={t}, U={u}), traced: {traced.peak / 2**30:.3f} GiB"
-          + (" on one device (before FSDP sharding)" if plan.limit.model.options.get("fsdp_world_size") else ""),
-          file=out)
-    for tag, n in sorted(traced.breakdown.items(), key=lambda kv: -kv[1]):
-        if n > 0:
-            print(f"  {tag:<24} {n / 2**30:8.3f} GiB  {100 * n / traced.peak:5.1f} %", file=out)
 
 
 def _prepare(args) -> int:

@@ -266,9 +266,12 @@ def _cost(search: LeverSearch, options: StepOptions) -> str:
     if options.optimizer == "adamw8bit":
         return ("moments quantized blockwise (256 values per block) and an elementwise "
                 "dequantize-update-requantize per tensor")
+    from paratune.train.offload import host_update_seconds
     grads = search.gradients(options)
+    seconds = host_update_seconds(grads // 4)  # fp32 gradients: 4 bytes per trained parameter
     return (f"{gib(4 * grads)} of host memory (an fp32 copy of the weights, their gradients and both moments), "
-            f"{gib(grads)} copied each way per step (gradients to the host, weights back) and AdamW run on the CPU")
+            f"{gib(grads)} copied each way per step (gradients to the host, weights back) and AdamW run on the CPU "
+            f"(timed here: {seconds:.2f} s per step)")
 
 
 def weighed(search: LeverSearch, chosen: StepOptions, blocks, longest) -> list[Alternative]:

@@ -1,4 +1,5 @@
-"""A plan for people: `paratune plan`'s summary lines and its plot of the predicted need per batch."""
+"""A plan for people: `paratune plan`'s summary lines, its plot of the predicted need per batch, and
+where the costliest batch's peak goes (`--explain`)."""
 from __future__ import annotations
 
 import math
@@ -71,3 +72,23 @@ def write_png(plan: Plan, path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"), mode="wb")
     plt.close(fig)
+
+
+def explain_peak(spec, plan: Plan, out) -> None:
+    """Trace the costliest batch and say where its peak goes."""
+    from paratune.memory.trace import StepOptions, StepTracer
+
+    shapes = plan.batch_shapes()
+    if not len(shapes):
+        return
+    b, t, u = (int(x) for x in shapes[int(np.argmax(plan.predicted()))])
+    opts = {k: v for k, v in plan.limit.model.options.items() if k in StepOptions.__dataclass_fields__}
+    tracer = StepTracer(spec.config, spec.vocab_size, spec.input_size, StepOptions(**opts))
+    # with accumulation the costliest micro-batch is a later one: every gradient is allocated by then
+    traced = tracer.trace_step([(b, t, u)] * (2 if plan.run.accum > 1 else 1))
+    print(f"where the peak goes, costliest batch (B={b}, T={t}, U={u}), traced: {traced.peak / 2**30:.3f} GiB"
+          + (" on one device (before FSDP sharding)" if plan.limit.model.options.get("fsdp_world_size") else ""),
+          file=out)
+    for tag, n in sorted(traced.breakdown.items(), key=lambda kv: -kv[1]):
+        if n > 0:
+            print(f"  {tag:<24} {n / 2**30:8.3f} GiB  {100 * n / traced.peak:5.1f} %", file=out)

@@ -9,7 +9,9 @@ keeps one running total and one dict of bytes by tag.
 
 Tags say where the bytes came from: parameters, gradients, optimizer state (what lives across steps),
 activations by the top-level module that made them (encoder, predictor, decoder), backward (which
-includes what checkpointed blocks recompute), the optimizer step's temporaries, and other.
+includes what checkpointed blocks recompute), the optimizer step's temporaries, and other. Tensors an
+optimizer keeps in host memory (its `host_tensors()`, paratune.train.offload) are not device memory and
+are not counted.
 """
 from __future__ import annotations
 

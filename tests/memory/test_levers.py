@@ -110,3 +110,25 @@ def test_8bit_state_is_about_a_quarter_of_adamw(large, size):
     assert stored_bytes(eight.optimizer) == expected_8bit_state(eight.model) == state
     # well under fp32 AdamW's: a quarter, plus the block scales and the small tensors kept in fp32
     assert 0.25 * fp32["optimizer_state"] < state < 0.35 * fp32["optimizer_state"], (state, fp32)
+
+
+def test_which_optimizer_levers_a_plan_may_use():
+    from paratune.memory.levers import choose_levers, optimizer_candidates
+    from paratune.train.config import load_config as run_config
+
+    def config(state, optimizer="adamw"):
+        return run_config({}, None, [f"++memory.optimizer_state={state}", f"++optim_conf.optimizer={optimizer}"])
+
+    assert optimizer_candidates(config("auto"), "cuda") == ["adamw", "adamw8bit", "adamw_offload"]
+    assert optimizer_candidates(config("auto"), "cpu") == ["adamw", "adamw8bit"]  # host memory already
+    assert optimizer_candidates(config("fp32"), "cuda") == ["adamw"]
+    assert optimizer_candidates(config("auto", "sgd"), "cuda") == ["sgd"]
+    assert optimizer_candidates(config("offload"), "cuda") == ["adamw_offload"]
+    with pytest.raises(ValueError, match="on a CPU it is in host memory already"):
+        optimizer_candidates(config("offload"), "cpu")
+    with pytest.raises(ValueError, match="only AdamW"):
+        optimizer_candidates(config("8bit", "sgd"), "cuda")
+    # FSDP shards the parameters: neither state lever updates them (refused before anything is traced)
+    for state in ("8bit", "offload"):
+        with pytest.raises(ValueError, match="--fsdp"):
+            choose_levers(None, StepOptions(device="cuda"), config(state), (4, 2), (100, 10), fsdp=True)
