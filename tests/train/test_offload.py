@@ -118,3 +118,15 @@ def test_device_memory_holds_no_optimizer_state(config):
     tail = max(g + o for g, o, part in b.stages if part == 2)
     resident = host.resident()
     assert tail <= resident["parameters"] + resident["gradients"] + 64 * 1024
+
+
+def test_host_copies_are_on_the_cpu_whatever_the_parameters_device():
+    """No GPU in CI: meta parameters stand for device ones. The optimizer's groups hold them (schedulers and
+    the loss scaler act on the device), every tensor it keeps is a CPU one, and it holds no device state."""
+    with torch.device("meta"):
+        layer = torch.nn.Linear(64, 32)
+    optimizer = HostAdamW(layer.parameters(), lr=0.1)
+    assert all(p.device.type == "meta" for g in optimizer.param_groups for p in g["params"])
+    assert [t.device.type for t in optimizer.host_tensors()] == ["cpu"] * 4  # 2 weights, 2 gradient buffers
+    assert [tuple(t.shape) for t in optimizer.host_tensors()[:2]] == [(32, 64), (32,)]
+    assert not optimizer.state
