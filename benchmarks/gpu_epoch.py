@@ -13,6 +13,10 @@
    peaks, and throughput.
 
 Writes OUT/summary.json, OUT/summary.md and OUT/exp/memory.png.
+
+The memory levers (issue 16) on a small card in effect: `--budget 16GiB --precision bf16 --calibrate bf16`
+trains with the levers the plan chooses (the finetune log's "plan:" line, in summary.json); the same with
+`--override ++memory.checkpointing=on` checkpoints every block, the throughput reference.
 """
 from __future__ import annotations
 
@@ -156,6 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--timeout", type=int, default=400, help="seconds for the epoch (default 400)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--override", action="append", default=[], metavar="++KEY=VALUE",
+                    help="passed to plan and finetune, e.g. ++memory.checkpointing=on (every block: the "
+                         "throughput reference for the plan's chosen levers)")
     args = ap.parse_args(argv)
     import torch
 
@@ -179,7 +186,7 @@ def main(argv=None) -> int:
     for precision in args.calibrate:
         rc, secs = run([sys.executable, "-m", "paratune", "plan", "--model", str(args.model), "--data",
                         str(out / "train.jsonl"), "--budget", str(budget), "--precision", precision, "--device",
-                        args.device, "--calibrate", "--png", str(out / f"plan_{precision}.png")],
+                        args.device, "--calibrate", "--png", str(out / f"plan_{precision}.png"), *args.override],
                        out / f"plan_{precision}.log", 300, env)
         text = (out / f"plan_{precision}.log").read_text()
         result["calibration"][precision] = {"rc": rc, "seconds": round(secs, 1), "lines": [
@@ -191,10 +198,12 @@ def main(argv=None) -> int:
            "--budget", str(budget), "--precision", args.precision, "--device", args.device,
            "++train_conf.max_epoch=1", "++train_conf.log_interval=5", "++train_conf.save_checkpoint_interval=0",
            "++train_conf.keep_nbest_models=1", f"++dataset_conf.num_workers={args.workers}",
-           "++dataset_conf.buffer_size=100000"]  # paraformer-large's config.yaml says 500: too few to pack from
+           "++dataset_conf.buffer_size=100000",  # paraformer-large's config.yaml says 500: too few to pack from
+           *args.override]
     rc, secs = run(cmd, out / "finetune.log", args.timeout, env)
     text = (out / "finetune.log").read_text()
-    result["finetune"] = {"rc": rc, "wall_s": round(secs, 1), "command": " ".join(cmd[1:])}
+    result["finetune"] = {"rc": rc, "wall_s": round(secs, 1), "command": " ".join(cmd[1:]),
+                          "levers": [line.strip() for line in text.splitlines() if "plan: " in line][:1]}
     if (exp / "memory.csv").exists():
         result["epoch"] = summarise(exp, text, budget, 0.1)
         result["epoch"]["audio_hours_per_hour"] = round(result["data"]["hours"] * 3600 / secs, 1)
