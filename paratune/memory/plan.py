@@ -1,7 +1,7 @@
 """The memory plan of a run: the levers (`paratune.memory.levers`: checkpointed blocks, 8-bit or
 host-memory AdamW state), the fitted memory model under the budget (`Limit`), and the sampler whose
-batches training will use. `plan_run` is the one entry: `paratune plan` reports what it decides (`paratune.memory.report`),
-and `paratune finetune` trains with it, from the same configuration.
+batches training will use. `plan_run` is the one entry: `paratune plan` reports what it decides
+(`paratune.memory.report`), and `paratune finetune` trains with it, from the same configuration.
 """
 from __future__ import annotations
 
