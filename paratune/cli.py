@@ -226,7 +226,10 @@ def _calibrate(args, spec, plan) -> bool:
     for r in model.calibration["rows"]:
         _log(f"  B={r['batch']} T={r['frames']} U={r['tokens']}: predicted {r['predicted'] / 2**30:.3f} GiB, "
              f"allocated {r['allocated'] / 2**30:.3f} GiB ({100 * r['allocated_error']:+.2f} %), "
-             f"reserved {r['reserved'] / 2**30:.3f} GiB")
+             f"reserved {r['reserved'] / 2**30:.3f} GiB, step {r['seconds']:.3f} s, {r['flops'] / 1e9:.1f} GFLOP")
+    timing = model.calibration["timing"]
+    if timing:
+        _log(f"step time: {timing['per_step']:.3f} s per step + FLOPs at {timing['rate'] / 1e9:.1f} GFLOP/s")
     path = cache_dir() / f"{model.key}.json"
     atomic_write_text(path, json.dumps(model.to_dict()))
     _log(f"stored the calibration in {path}; later plans use it")

@@ -11,15 +11,18 @@ model's real steps carry the hotwords the fit predicts with: the most its sampli
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import platform
 import random
+import time
 
 import torch
 
 from paratune.data.hotwords import HotwordSampling, sample_spans, with_hotwords
+from paratune.memory.cost import step_timing
 from paratune.memory.estimate import MemoryModel
-from paratune.memory.trace import PRECISIONS, StepOptions, fake_batch, hotword_bound, no_collective
+from paratune.memory.trace import PRECISIONS, StepOptions, StepTracer, fake_batch, hotword_bound, no_collective
 from paratune.memory.tracker import PeakMemory
 from paratune.modeldir import ModelSpec
 from paratune.train.distributed import Local
@@ -92,14 +95,27 @@ def cuda_peaks(step, batch, dev: torch.device) -> tuple[int, int]:
     return torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
 
 
+def timed_step(step, batch, dev: torch.device) -> float:
+    """Seconds of one step, the device's queue drained before and after."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda _: None)
+    sync(dev)
+    start = time.perf_counter()
+    step(batch)
+    sync(dev)
+    return time.perf_counter() - start
+
+
 def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes, device: str = "cuda",
               seed: int = 0) -> dict:
     """Run real training steps at `shapes` [(B, T, U)] on `device`; return the measured figures and the
-    ratios to the prediction, for `MemoryModel.calibration`."""
+    ratios to the prediction, for `MemoryModel.calibration`. A second step at each shape is timed (the
+    first pays for warm-up) and its matmul FLOPs counted on fake tensors: "timing" is the line
+    seconds = per_step + FLOPs / rate through them (`paratune.memory.cost`), or None."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     sampling = sampling_of(fitted)
     model, optimizer, step = real_stepper(spec, options, dev, sampling)
+    counter = StepTracer(spec.config, spec.vocab_size, spec.input_size, options, hotwords=sampling)
     rows = []
     for b, t, u in shapes:
         batch = real_batch(spec, b, t, u, dev, sampling)
@@ -109,15 +125,19 @@ def calibrate(spec: ModelSpec, fitted: MemoryModel, options: StepOptions, shapes
             with PeakMemory(model, optimizer) as tracker:
                 step(batch)
             allocated = reserved = tracker.peak
+        seconds = timed_step(step, batch, dev)
         del batch
         predicted = fitted.peak(b, t, u)
         rows.append({"batch": b, "frames": t, "tokens": u, "predicted": predicted, "allocated": allocated,
-                     "reserved": reserved, "allocated_error": (predicted - allocated) / allocated})
+                     "reserved": reserved, "allocated_error": (predicted - allocated) / allocated,
+                     "seconds": seconds, "flops": counter.flops(b, t, u)})
+    timing = step_timing(rows)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'host'})"
     return {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "rows": rows,
             "allocated_ratio": max(r["allocated"] / r["predicted"] for r in rows),
-            "reserved_ratio": max(r["reserved"] / r["predicted"] for r in rows)}
+            "reserved_ratio": max(r["reserved"] / r["predicted"] for r in rows),
+            "timing": dataclasses.asdict(timing) if timing else None}
 
 
 def ddp_rank_peaks(rank: int, world: int, config: dict, vocab: int, input_size: int, shapes, out: str) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from paratune.data.hotwords import HotwordSampling
 from paratune.data.manifest import Lengths
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
+from paratune.memory.cost import StepTiming, weigh_batches
 from paratune.memory.estimate import MemoryModel, load_or_fit
 from paratune.memory.levers import (LABELS, LeverSearch, block_counts, choose_levers, levers_dict, optimizer_candidates,
                                     weighed)
@@ -219,11 +220,13 @@ def _fewest_excluded(sampler, options: StepOptions, notes: list[str], blocks, sa
 
 
 def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "cuda", world_size: int = 1,
-             rank: int = 0, fsdp: bool = False, fit=None, log=None, explain: bool = False) -> RunPlan:
+             rank: int = 0, fsdp: bool = False, fit=None, log=None, explain: bool = False,
+             timing: StepTiming | None = None) -> RunPlan:
     """The one planning entry of `paratune plan` and `paratune finetune`: the levers (`choose_levers`),
     then the fitted memory model and the sampler under them. `fit(options, max_frames, max_tokens)` gives
     the memory model (default: the cached fit or a new one; the trainer passes one that fits on rank 0
-    and shares it). `explain`: also trace the alternatives weighed (`RunPlan.alternatives`)."""
+    and shares it). `explain`: also trace the alternatives weighed (`RunPlan.alternatives`). `timing`:
+    measured step time for weighing the batch count (default: the chosen fit's calibration's, if any)."""
     if not len(lengths):
         raise PlanError("the manifest has no usable utterances: nothing to plan")
     if world_size < 1:
@@ -266,6 +269,14 @@ def plan_run(spec, lengths: Lengths, config: dict, budget: int, device: str = "c
     sampler = sampler_for(options)
     if mc["checkpointing"] == "auto" and _too_big(sampler):
         sampler, options, notes = _fewest_excluded(sampler, options, notes, blocks, sampler_for)
+    elif mc["checkpointing"] == "auto" and options.checkpointed and options.checkpointing != blocks and not fsdp:
+        timing = timing or StepTiming.of_calibration(sampler.limit.model.calibration)
+        if timing is not None:
+            weighed_options, sampler, note = weigh_batches(timing, search, options, sampler, blocks, longest,
+                                                           sampler_for, _too_big)
+            if weighed_options != options:  # the fewest blocks' note no longer holds
+                notes = [n for n in notes if not n.startswith("activation checkpointing of")]
+            options, notes = weighed_options, [*notes, note]
     alternatives = weighed(search, options, blocks, longest) if explain else []
     limit = sampler.limit
     need_static = limit.model.static_step * limit.scale

@@ -230,6 +230,11 @@ def test_calibrate_on_cpu_compares_real_steps(capsys, manifest, cache):
     cal = stored[0]["calibration"]
     assert 3 <= len(cal["rows"]) <= 5
     assert all(abs(r["allocated_error"]) <= 0.03 for r in cal["rows"]), cal["rows"]
+    # each shape's second step timed and its FLOPs counted: the line later plans weigh the batch count with
+    assert all(r["seconds"] > 0 and r["flops"] > 0 for r in cal["rows"])
+    assert len({r["flops"] for r in cal["rows"]}) >= 2
+    timing = cal["timing"]
+    assert timing is None or (timing["rate"] > 0 and timing["per_step"] >= 0)  # None: the steps' times fell
 
 
 @pytest.mark.parametrize("text, value", [("24GiB", 24 * 2**30), ("24G", 24 * 2**30), ("800MiB", 800 * 2**20),
