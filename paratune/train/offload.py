@@ -70,8 +70,8 @@ class HostAdamW(torch.optim.Optimizer):
             if on:
                 g.copy_(p.grad, non_blocking=True)
             m.grad = g if on else None  # AdamW skips a tensor without a gradient, as on the device
-        if any(p.device.type == "cuda" for p in self._device_params):
-            torch.cuda.current_stream().synchronize()  # the gradients are on the host before the update
+        for device in {p.device for p in self._device_params if p.device.type == "cuda"}:
+            torch.cuda.current_stream(device).synchronize()  # the gradients are on the host before the update
         self.host.step()
         for i, (p, m, on) in enumerate(zip(self._device_params, self._masters, live)):
             m.grad = None
