@@ -18,7 +18,7 @@ import paratune
 from paratune.cli import main as cli_main
 from paratune.model.seaco import SeacoParaformer
 from paratune.modeldir import ModelDirError, read_model_dir
-from tests.model.reference import funasr_model, small_config
+from tests.model.reference import funasr_model, shallow_config, small_config
 
 KINDS = ("bicif", "seaco")
 FAMILY_CLASS = {"bicif": "BiCifParaformer", "seaco": "SeacoParaformer"}
@@ -213,13 +213,15 @@ def test_saved_directory_loads_in_funasr_and_decodes_identically(kind, family_di
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_large_config_matches_funasr(kind, tmp_path, shared_data, large_dir, zh_real, capsys):
-    model_dir = make_funasr_dir(tmp_path / kind, large_dir, family_config(shared_data, kind, "large"), seed=5)
+    config = shallow_config(family_config(shared_data, kind, "large"))  # the large widths and settings, 4 + 2 blocks
+    model_dir = make_funasr_dir(tmp_path / kind, large_dir, config, seed=5)
     wavs = _clips(zh_real)
     flags, generate = [], {}
     if kind == "seaco":
         hotwords = "广 州 房 the"
         flags, generate = ["--hotwords", hotwords], {"hotword": hotwords}
     ours = paratune_results(model_dir, wavs, capsys, *flags, check_plain=False)
+    assert sum(len(text) for text, _ in ours.values()) > 20  # random weights still emit plenty of tokens
     assert_same(ours, funasr_results(model_dir, wavs, **generate))
 
 

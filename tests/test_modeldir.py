@@ -13,7 +13,7 @@ import yaml
 import paratune
 from paratune.cli import main as cli_main
 from paratune.modeldir import ModelDirError
-from tests.model.reference import funasr_paraformer, load_config, small_config
+from tests.model.reference import funasr_paraformer, load_config, shallow_config, small_config
 
 
 def _clips(zh_real):
@@ -88,9 +88,12 @@ def test_saved_directory_loads_in_funasr_and_decodes_identically(small_dir, zh_r
 
 @pytest.mark.slow
 def test_transcribe_large_config_matches_funasr(tmp_path_factory, large_dir, zh_real, capsys):
-    model_dir = make_funasr_dir(tmp_path_factory.mktemp("funasr_large"), large_dir, load_config(large_dir), seed=3)
+    config = shallow_config(load_config(large_dir))  # the large widths and settings, 4 + 2 blocks
+    model_dir = make_funasr_dir(tmp_path_factory.mktemp("funasr_large"), large_dir, config, seed=3)
     wavs = _clips(zh_real)
-    assert paratune_texts(model_dir, wavs, capsys, batch_size=7) == funasr_texts(model_dir, wavs)
+    ours = paratune_texts(model_dir, wavs, capsys, batch_size=7)
+    assert sum(len(t) for t in ours.values()) > 20  # random weights still emit plenty of tokens
+    assert ours == funasr_texts(model_dir, wavs)
 
 
 def test_batching_does_not_change_transcripts(small_dir, zh_real, capsys):

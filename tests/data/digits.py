@@ -53,7 +53,7 @@ def concatenate(clips, rng: random.Random, n: int, gap=(0.05, 0.4)) -> tuple[np.
     return wave, text, spans
 
 
-def train_digit_model(fsdd: Path, out_dir: Path, steps: int = 700, seed: int = 0) -> Path:
+def train_digit_model(fsdd: Path, out_dir: Path, steps: int = 300, seed: int = 0) -> Path:
     """Train on 1-4 digit clips of three speakers and save a FunASR model directory."""
     torch.manual_seed(seed)
     rng = random.Random(seed)

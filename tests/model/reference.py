@@ -32,6 +32,16 @@ def medium_config(large_config: dict) -> dict:
     return resized_config(large_config, 256, 1024, 12, 6, 6)
 
 
+def shallow_config(large_config: dict, enc_blocks: int = 4, dec_blocks: int = 2) -> dict:
+    """A large config at its own widths (512 dims, 2,048 units, 4 heads) and every other setting, with
+    fewer blocks: what a model directory's load and decode exercise, at a tenth of the 220 M parameters.
+    The full depth's numerics are test_parity's and test_family_parity's `large` cases."""
+    c = copy.deepcopy(large_config)
+    c["encoder_conf"]["num_blocks"] = enc_blocks
+    c["decoder_conf"].update(num_blocks=dec_blocks, att_layer_num=dec_blocks)
+    return c
+
+
 def load_config(large_dir: Path) -> dict:
     return yaml.safe_load((large_dir / "config.yaml").read_text(encoding="utf-8"))
 
