@@ -48,8 +48,7 @@ def test_recipe_fine_tunes_the_base_loss_falls_and_funasr_decodes_the_export_ali
     train = _link(shared_data, tmp_path / "train", ("george", "jackson", "lucas"), 2)
     test = _link(shared_data, tmp_path / "test", ("nicolas",), 1)
     exp = tmp_path / "exp"
-    env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "PARATUNE_CACHE": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PARATUNE": f"{sys.executable} -m paratune", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(["bash", str(RECIPE / "run.sh"), str(tmp_path / "train"), str(tmp_path / "test"), str(exp),
                           "++train_conf.max_epoch=3", "++scheduler_conf.warmup_steps=2", "++dataset_conf.max_batch=8",
                           "++dataset_conf.num_workers=0"], env=env, capture_output=True, text=True, timeout=900)

@@ -39,7 +39,6 @@ def test_step_timing_is_the_line_through_timed_steps():
 @pytest.fixture
 def planned(tmp_path, monkeypatch):
     """plan_run on many short utterances and one that fits only with some blocks checkpointed."""
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     spec = read_model_dir(DEMO)
     manifest = write_synthetic_manifest(tmp_path / "train.jsonl", 300, seed=5, max_s=4.0)
     with open(manifest, "a", encoding="utf-8") as f:

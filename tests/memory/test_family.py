@@ -214,7 +214,7 @@ def model_dir(family: Path, name: str, out: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bicif", "seaco"])
 def test_plan_on_a_family_model_dir(capsys, tmp_path, monkeypatch, family, name):
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))  # its own: the plan calibrates the fit
     model = model_dir(family, name, tmp_path / name)
     manifest = write_synthetic_manifest(tmp_path / "train.jsonl", 200, seed=3, max_s=6.0)
     code = main(["plan", "--model", str(model), "--data", str(manifest), "--budget", "400MiB", "--device", "cpu",

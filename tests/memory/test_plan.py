@@ -18,10 +18,9 @@ from paratune.modeldir import read_model_dir
 DEMO = Path(paratune.__file__).parent / "assets" / "demo_model"
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+@pytest.fixture
+def cache(fit_cache):
+    return fit_cache
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +221,9 @@ def test_fsdp_and_ddp_plans(capsys, manifest):
     assert len(ddp["batches"]) >= len(one["batches"])
 
 
-def test_calibrate_on_cpu_compares_real_steps(capsys, manifest, cache):
+def test_calibrate_on_cpu_compares_real_steps(capsys, manifest, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"  # its own: a calibrated fit replaces the shared one, which other tests plan with
+    monkeypatch.setenv("PARATUNE_CACHE", str(cache))
     code, out, err = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--checkpointing", "off",
                            "--calibrate")
     assert code == 0, err

@@ -72,7 +72,6 @@ def trained(manifest, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_clips_run")
     log = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(log):
-        mp.setenv("PARATUNE_CACHE", str(tmp / "cache"))
         code = Finetune(FinetuneOptions(model=MODEL, train=[manifest["path"]], output=tmp / "exp", budget=2**30,
                                         device="cpu", from_scratch=True, overrides=list(COMMON))).run()
     return {"code": code, "exp": tmp / "exp", "log": log.getvalue()}
@@ -106,7 +105,7 @@ def test_eval_counts_bad_clips_out_and_scores_the_rest(manifest, trained, capfd)
 @pytest.mark.slow
 def test_two_ranks_stay_in_step_around_bad_clips(manifest, tmp_path):
     exp = tmp_path / "exp"
-    env = {**os.environ, "PARATUNE_CACHE": str(tmp_path / "cache")}
+    env = dict(os.environ)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "paratune", "finetune", "--model", str(MODEL), "--from-scratch", "--train",
                           str(manifest["path"]), "--output", str(exp), "--budget", "1GiB", "--device", "cpu",

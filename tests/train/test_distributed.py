@@ -148,7 +148,7 @@ def test_lead_first_does_not_wait_for_ever_on_a_stuck_rank_0(tmp_path):
 
 # -- one rank runs out of memory under torchrun: every rank drops the micro-batch with it
 @pytest.fixture(scope="module")
-def fsdd(shared_data, tmp_path_factory):
+def fsdd(shared_data, tmp_path_factory, fit_cache):
     """60 FSDD recordings prepared by `paratune prepare`; the recipe model without any randomness in its
     step (dropout, the glancing sampler), so two runs differ only by the injected OOMs; a shared cache."""
     tmp = tmp_path_factory.mktemp("fsdd_dist")
@@ -162,7 +162,7 @@ def fsdd(shared_data, tmp_path_factory):
     config["model_conf"]["sampling_ratio"] = 0.0
     (model / "config.yaml").write_text(yaml.safe_dump(config))
     train = prepare_fsdd(shared_data, tmp / "train", ("george", "jackson"), 60, model)
-    return {"model": model, "train": train, "cache": tmp / "cache"}
+    return {"model": model, "train": train, "cache": fit_cache}
 
 
 # SGD, no clipping, no warmup: the update is the gradient times the rate, so a split step that summed its

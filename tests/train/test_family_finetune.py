@@ -71,7 +71,6 @@ def test_finetune_splits_on_oom_trains_lora_and_exports(kind, numbers, shared_da
     import torch
 
     from paratune.modeldir import load_model
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     model = family_dir(kind, tmp_path / "model", shared_data)
     exp = tmp_path / "exp"
     assert main(["finetune", "--model", str(model), "--from-scratch", "--train", str(numbers["train"]),
@@ -109,7 +108,7 @@ def test_finetune_splits_on_oom_trains_lora_and_exports(kind, numbers, shared_da
 def test_seaco_under_torchrun_loses_nothing(numbers, shared_data, tmp_path, fsdp):
     model = family_dir("seaco", tmp_path / "model", shared_data)
     exp = tmp_path / "exp"
-    env = {**os.environ, "PARATUNE_CACHE": str(tmp_path / "cache")}
+    env = dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "paratune", "finetune", "--model", str(model), "--from-scratch",
                           "--train", str(numbers["train"]), "--valid", str(numbers["valid"]), "--output", str(exp),

@@ -59,12 +59,12 @@ STATS = []  # one dict per case, printed at the end of each test (pytest -s show
 
 
 @pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory):
+def data(shared_data, tmp_path_factory, fit_cache):
     """32 FSDD recordings of two speakers (train), 8 of a third (valid), prepared by `paratune prepare`."""
     tmp = tmp_path_factory.mktemp("faults")
     return {"train": prepare_fsdd(shared_data, tmp / "train", ("george", "jackson"), 32, MODEL),
             "valid": prepare_fsdd(shared_data, tmp / "valid", ("lucas",), 8, MODEL),
-            "cache": tmp / "cache", "tmp": tmp}
+            "cache": fit_cache, "tmp": tmp}
 
 
 def _command(data, mode: str, out: Path) -> list[str]:

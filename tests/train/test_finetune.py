@@ -28,7 +28,6 @@ def _ledger(path):
 
 @pytest.mark.slow
 def test_100_injected_ooms_lose_no_sample(digits, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     exp = tmp_path / "exp"
     keys = [json.loads(x)["key"] for x in digits["train"].read_text().splitlines()]
     code = main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
@@ -55,7 +54,6 @@ def test_100_injected_ooms_lose_no_sample(digits, tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize("levers", [[], ["--optimizer-state", "8bit", "--checkpointing", "2/1"]],
                          ids=["plain", "8bit-partial-checkpointing"])
 def test_resume_continues_where_the_checkpoint_was(digits, tmp_path, capsys, monkeypatch, levers):
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     common = ["--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]), "--budget", "1GiB",
               *levers]
     settings = ["++dataset_conf.max_batch=8", "++dataset_conf.num_workers=0", "++train_conf.log_interval=1000",
@@ -79,7 +77,6 @@ def test_resume_continues_where_the_checkpoint_was(digits, tmp_path, capsys, mon
 @pytest.mark.reference
 @pytest.mark.slow
 def test_final_directory_loads_in_funasr(digits, tmp_path, capsys, monkeypatch, funasr):
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     exp = tmp_path / "exp"
     assert main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
                  "--output", str(exp), "--budget", "1GiB", "++train_conf.max_epoch=2", "++dataset_conf.max_batch=8",
@@ -119,11 +116,10 @@ def test_resume_after_sigkill_mid_epoch(digits, tmp_path, monkeypatch):
     import time
 
     import torch
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     args = ["--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]), "--budget", "1GiB",
             "++dataset_conf.max_batch=8", "++dataset_conf.num_workers=1", "++train_conf.log_interval=1000",
             "++train_conf.save_checkpoint_interval=5", "++train_conf.max_epoch=3"]
-    env = {**os.environ, "PARATUNE_CACHE": str(tmp_path / "cache")}
+    env = dict(os.environ)
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run([sys.executable, "-m", "paratune", "finetune", "--output", str(full), *args], env=env, check=True,
                    cwd=ROOT, capture_output=True)
@@ -151,7 +147,7 @@ def test_torchrun_two_ranks_split_the_epoch_and_ooms_in_lockstep(digits, tmp_pat
     import subprocess
     import sys
     exp = tmp_path / "exp"
-    env = {**os.environ, "PARATUNE_CACHE": str(tmp_path / "cache")}
+    env = dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "paratune",
                           "finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
                           "--output", str(exp), "--budget", "1GiB", "--inject-oom", "2,3,9",
@@ -174,7 +170,6 @@ def test_lora_trains_adapters_and_exports_a_plain_model(digits, tmp_path, capsys
     import torch
 
     from paratune.modeldir import load_model
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "base"
     assert main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
                  "--output", str(base), "--budget", "1GiB", "++train_conf.max_epoch=1", "++dataset_conf.max_batch=8",
@@ -198,7 +193,6 @@ def test_lora_trains_adapters_and_exports_a_plain_model(digits, tmp_path, capsys
 def test_speed_perturbation_is_planned_for(digits, tmp_path, capsys, monkeypatch):
     """Speed 0.8 makes an utterance 25 % longer after planning: the sampler must plan the longer version,
     so no step's real shape is predicted over the budget."""
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     exp = tmp_path / "exp"
     code = main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
                  "--output", str(exp), "--budget", "30MiB", "++train_conf.max_epoch=1",

@@ -47,7 +47,6 @@ def plan(capsys, train, budget: int, *extra, device: str = "cpu") -> tuple[int, 
 @pytest.mark.slow
 def test_8bit_adamw_is_chosen_when_fp32_state_cannot_fit_and_trained_as_planned(capsys, train, tmp_path,
                                                                                  monkeypatch):
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     fp32, eight = static("adamw"), static("adamw8bit")
     assert eight < 0.7 * fp32
     # on a CPU the 8-bit update's temporaries (5x the largest tensor in fp32) take much of what it saves
@@ -99,7 +98,6 @@ def chosen_need(capsys, train, *levers) -> int:
 
 @pytest.mark.slow
 def test_state_in_host_memory_is_chosen_on_a_gpu_when_8bit_state_cannot_fit(capsys, train, tmp_path, monkeypatch):
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     eight = chosen_need(capsys, train, "--optimizer-state", "8bit", "--checkpointing", "on")
     host = chosen_need(capsys, train, "--optimizer-state", "offload", "--checkpointing", "on")
     assert host < eight

@@ -53,7 +53,6 @@ COMMON = ["++train_conf.max_epoch=1", "++dataset_conf.max_batch=null", "++datase
 @pytest.mark.parametrize("overrides", [[], ["++dataset_conf.speed_perturb=[0.9,1.0,1.1]"], ["++train_conf.accum_grad=2"]],
                          ids=["plain", "speed-perturb", "accum-2"])
 def test_the_plan_is_what_one_process_trains(capsys, train, tmp_path, monkeypatch, overrides):
-    monkeypatch.setenv("PARATUNE_CACHE", str(tmp_path / "cache"))
     plan = planned(capsys, train, COMMON + overrides)
     exp = tmp_path / "exp"
     # the recipe called directly, as `paratune demo` calls it
@@ -67,7 +66,7 @@ def test_the_plan_is_what_one_process_trains(capsys, train, tmp_path, monkeypatc
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_the_plan_is_what_each_rank_trains(capsys, train, tmp_path, fsdp):
-    env = {**os.environ, "PARATUNE_CACHE": str(tmp_path / "cache")}
+    env = dict(os.environ)
     plan = planned(capsys, train, COMMON, world=2, fsdp=fsdp)
     exp = tmp_path / "exp"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "paratune",

@@ -1,6 +1,6 @@
 """The run folder (issue 13): kept-model names, --resume/--overwrite, interrupts, leftovers, disk and
 checkpoint failures. Tiny runs: 24 FSDD digits in 6 batches of 4, a few seconds each once the memory fit
-is cached (one fit for the module)."""
+is cached (the session's fit cache)."""
 from __future__ import annotations
 
 import errno
@@ -26,12 +26,10 @@ MODEL = ROOT / "examples" / "fsdd" / "model"
 
 
 @pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory):
+def data(shared_data, tmp_path_factory, fit_cache):
     tmp = tmp_path_factory.mktemp("run_folder")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PARATUNE_CACHE", str(tmp / "cache"))  # one memory fit for the module
-        yield {"train": prepare_fsdd(shared_data, tmp / "train", ("george",), 24, MODEL),
-               "valid": prepare_fsdd(shared_data, tmp / "valid", ("lucas",), 8, MODEL), "cache": tmp / "cache"}
+    return {"train": prepare_fsdd(shared_data, tmp / "train", ("george",), 24, MODEL),
+            "valid": prepare_fsdd(shared_data, tmp / "valid", ("lucas",), 8, MODEL), "cache": fit_cache}
 
 
 def args(data, out, *extra, epochs=2, valid=True, workers=0) -> list[str]:

@@ -70,9 +70,7 @@ def setup(shared_data, tmp_path_factory):
         assert main(["prepare", str(tmp / split), "--transcripts", str(tsv), "--model", str(model),
                      "--output", str(tmp / f"{split}_data")]) == 0
         data[split] = tmp / f"{split}_data" / "data.jsonl"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PARATUNE_CACHE", str(tmp / "cache"))  # one memory fit for the module
-        yield {"model": model, **data}
+    return {"model": model, **data}
 
 
 def _finetune(setup, out: Path, *extra) -> int:
