@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from paratune.model import build_paraformer, set_checkpointing
+from paratune.model.paraformer import label_smoothing_loss
 from tests.model.reference import (funasr_features, funasr_paraformer, load_config, relative_error,
                                    small_config)
 
@@ -37,6 +38,18 @@ def _pair(config, vocab, seed=0):
     ours = build_paraformer(config, vocab, 560)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
+
+
+def _same_embeddings(theirs, ours) -> None:
+    """FunASR's acoustic embeddings with targets equal paratune's (which fire every target token), but
+    where FunASR's rounding lost an utterance's last token (zeros there)."""
+    assert theirs.shape == ours.shape
+    keep = torch.ones(theirs.shape[:2], dtype=torch.bool)
+    for i in range(ours.size(0)):
+        last = int(ours[i].abs().sum(-1).nonzero().max())
+        if not theirs[i, last].any():  # lost to rounding: only ever the last token
+            keep[i, last] = False
+    assert relative_error(theirs[keep], ours[keep]) < TOL
 
 
 def _configs(large_dir):
@@ -75,8 +88,23 @@ def test_same_model_as_funasr_on_a_padded_batch(size, large_dir, clips):
         assert relative_error(logp, logp_ref) < TOL
 
         ref.sampling_ratio = ours.sampling_ratio = 0.0
-        loss_ref, stats_ref, weight_ref = ref(feats, lengths, text, text_lengths)
+        # With targets, paratune's CIF always fires the last token; FunASR's fires it only when float
+        # rounding leaves the scaled cumulative sum at or above the target (paratune.model.cif.cif). Which
+        # side of the integer it lands on depends on the CPU's reduction order: on one machine FunASR lost a
+        # last token and loss_att differed by 1.03e-4 while every tensor above agreed. So the acoustic
+        # embeddings are compared here, a token FunASR lost only as its last one, and FunASR's decoder and
+        # loss then get paratune's embeddings: the loss comparison checks the decoder and the loss alone.
+        mine = []
+        hook = ours.predictor.register_forward_hook(lambda module, args, out: mine.append(out[0]))
         loss, stats, weight = ours(feats, lengths, text, text_lengths)
+        hook.remove()
+
+        def give_ours(module, args, out):
+            _same_embeddings(out[0], mine[0])
+            return (mine[0], *out[1:])
+        hook = ref.predictor.register_forward_hook(give_ours)
+        loss_ref, stats_ref, weight_ref = ref(feats, lengths, text, text_lengths)
+        hook.remove()
     assert abs(loss.item() - loss_ref.item()) <= TOL * abs(loss_ref.item())
     assert abs(stats["loss_att"].item() - stats_ref["loss_att"].item()) <= TOL * abs(stats_ref["loss_att"].item())
     assert abs(stats["loss_pre"].item() - stats_ref["loss_pre"].item()) <= TOL * abs(stats_ref["loss_pre"].item()) + 1e-7
