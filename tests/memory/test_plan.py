@@ -18,11 +18,6 @@ from paratune.modeldir import read_model_dir
 DEMO = Path(paratune.__file__).parent / "assets" / "demo_model"
 
 
-@pytest.fixture
-def cache(fit_cache):
-    return fit_cache
-
-
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     return write_synthetic_manifest(tmp_path_factory.mktemp("m") / "train.jsonl", 400, seed=3, max_s=20.0)
@@ -107,7 +102,7 @@ def test_utterances_too_long_for_the_budget_are_excluded_with_a_remedy(capsys, t
     assert plan["levers"]["optimizer"] == "adamw" and not any("fits" in n for n in plan["notes"])
 
 
-def test_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit(capsys, tmp_path, cache):
+def test_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit(capsys, tmp_path, fit_cache):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"key": "long", "source": "x.wav", "source_len": 3000, "target_len": 120}) + "\n")
     spec = read_model_dir(DEMO)
@@ -115,7 +110,7 @@ def test_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit(capsys, tmp_p
     need = {}
     for ckpt in (False, True):
         model, _ = load_or_fit(spec.config, spec.vocab_size, spec.input_size,
-                               StepOptions(checkpointing=ckpt), t, u, holdout=0, cache=cache)
+                               StepOptions(checkpointing=ckpt), t, u, holdout=0, cache=fit_cache)
         need[ckpt] = model.peak(1, t, u)
     assert need[True] < need[False]
     budget = (need[True] + need[False]) // 2  # fits only with checkpointing

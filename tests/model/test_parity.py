@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from paratune.model import build_paraformer, set_checkpointing
-from paratune.model.paraformer import label_smoothing_loss
 from tests.model.reference import (funasr_features, funasr_paraformer, load_config, relative_error,
                                    small_config)
 
