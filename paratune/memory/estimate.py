@@ -49,7 +49,7 @@ import numpy as np
 
 from paratune.io import atomic_write_text
 from paratune.data.hotwords import HotwordSampling
-from paratune.memory.trace import StepOptions, StepTracer, fit_key, hotword_shape
+from paratune.memory.trace import PlanTracer, StepOptions, StepTracer, fit_key, hotword_shape
 from paratune.memory.tracker import FIRST, LATER, TAIL
 from paratune.train.step import checkpoint_text
 
@@ -400,7 +400,7 @@ def load_or_fit(config: dict, vocab: int, input_size: int, options: StepOptions,
     if log:
         log(f"fitting the memory model ({options.precision}, {options.optimizer}, checkpointing "
             f"{checkpoint_text(options.checkpointing)} blocks) up to {frames} frames, {tokens} tokens")
-    model = fit(StepTracer(config, vocab, input_size, options, hotwords=hotwords), frames, tokens, holdout=holdout,
+    model = fit(PlanTracer(config, vocab, input_size, options, hotwords), frames, tokens, holdout=holdout,
                 key=entry_key(key, frames, tokens))
     try:
         cache.mkdir(parents=True, exist_ok=True)

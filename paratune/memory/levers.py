@@ -3,7 +3,7 @@ keeps its state in 8 bits or in host memory. `plan_run` asks `LeverSearch` for t
 blocks that let the run's longest utterance fit, first with the configured optimizer and, only if no
 checkpointing is enough (or the static memory alone is over the budget), with 8-bit AdamW, then (on a
 GPU) with AdamW's state in host memory (`paratune.train.offload`). Each candidate is judged by
-tracing the step it would run (`StepTracer`), never by a formula.
+tracing the step it would run (`PlanTracer`), never by a formula.
 
 The cost of a choice is its predicted step-time factor: the step's matrix-multiply FLOPs with the
 checkpointed blocks' forward recomputed, over the FLOPs without checkpointing, counted on the same
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from paratune.io import atomic_write_text
 from paratune.memory.estimate import cache_dir
-from paratune.memory.trace import StepTracer, fit_key
+from paratune.memory.trace import PlanTracer, fit_key
 from paratune.memory.tracker import FIRST, LATER, TAIL
 from paratune.train.step import ALL, StepOptions, checkpoint_counts
 
@@ -106,13 +106,13 @@ class LeverSearch:
     def __init__(self, spec, hotwords, scale: float, budget: int, accumulate: bool, cache: Path | None = None):
         self.spec, self.hotwords, self.scale, self.budget, self.accumulate = spec, hotwords, scale, budget, accumulate
         self.cache = cache_dir() if cache is None else Path(cache)
-        self._tracers: dict[StepOptions, StepTracer] = {}
+        self._tracers: dict[StepOptions, PlanTracer] = {}
         self._figures: dict[StepOptions, dict] = {}
 
-    def tracer(self, options: StepOptions) -> StepTracer:
+    def tracer(self, options: StepOptions) -> PlanTracer:
         if options not in self._tracers:
-            self._tracers[options] = StepTracer(self.spec.config, self.spec.vocab_size, self.spec.input_size,
-                                                options, hotwords=self.hotwords)
+            self._tracers[options] = PlanTracer(self.spec.config, self.spec.vocab_size, self.spec.input_size,
+                                                 options, self.hotwords)
         return self._tracers[options]
 
     def _path(self, options: StepOptions) -> Path:

@@ -38,7 +38,7 @@ from paratune.train.distributed import Local
 from paratune.train.step import PRECISIONS, Micro, StepOptions, import_bitsandbytes, prepare_model, train_step
 
 __all__ = ["PRECISIONS", "StepOptions", "StepTracer", "Traced", "cuda_kernels", "fake_batch", "fit_key",
-           "hotword_bound", "hotword_shape"]
+           "hotword_bound", "hotword_shape", "PlanTracer"]
 
 # 2: CUDA steps traced with the memory-efficient attention kernel; 3: and fused dropout; 4: two micro-batches
 # per step (accumulation), stage parts, the DDP gradient reduce traced, gradients never resident; 5: SeACo
@@ -46,6 +46,12 @@ __all__ = ["PRECISIONS", "StepOptions", "StepTracer", "Traced", "cuda_kernels", 
 # LSTMs' workspace (BiCif's and SeACo's; the fake kernel has none); 6: per-block checkpointing, 8-bit AdamW
 # (bitsandbytes' CPU kernel)
 TRACER_VERSION = 6
+
+# A CPU step of a model up to this size is traced on real tensors by the plan (`PlanTracer`): the same
+# step and tracker, the same bytes, in less time (benchmarks/plan_trace.py: the demo model's first fit
+# 2.1x faster; at 16 M parameters a real 8 x 200-frame probe already takes twice a fake one's time)
+REAL_TRACE_PARAMETERS = 2_000_000
+REAL_TRACE_SCORES = 2 ** 26
 
 
 def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
@@ -258,9 +264,11 @@ class StepTracer:
         self.hotwords = hotword_bound(config, hotwords)
         self.rnn = RnnWorkspace()  # the LSTMs' workspace as the real CPU kernel makes it
         self.mode = FakeTensorMode() if fake else contextlib.nullcontext()
-        with self.mode, fake_quantization_maps(self.mode):
+        with self.mode, self._own_rng(), fake_quantization_maps(self.mode):
             ready = prepare_model(build_paraformer(config, vocab, input_size), options)
             self.model, self.optimizer, self.scaler = ready.model, ready.optimizer, ready.scaler
+            # the workspace mode only where there are LSTMs: it costs every other operator a Python dispatch
+            self._lstm = fake and any(isinstance(m, torch.nn.RNNBase) for m in self.model.modules())
             # one step creates the optimizer state: what a long run holds at every later step
             self._step([self.batch(1, 8, 2)])
 
@@ -269,10 +277,15 @@ class StepTracer:
         hotwords)."""
         return fake_batch(batch, frames, tokens, self.input_size, self.vocab, self.hotwords, tuple(words) or None)
 
+    def _own_rng(self):
+        """Real tensors draw from the global random generator (weights, dropout): a trace leaves it as it
+        was, so a run's random stream does not depend on whether its plan was cached."""
+        return contextlib.nullcontext() if self.fake else torch.random.fork_rng(devices=[])
+
     def _step(self, batches):
         micro = [Micro(b, 1.0 / len(batches)) for b in batches]
         with (cuda_kernels() if self.options.device == "cuda" else contextlib.nullcontext(),
-              self.rnn if self.fake else contextlib.nullcontext()):
+              self.rnn if self._lstm else contextlib.nullcontext()):
             train_step(self.model, self.optimizer, micro, grad_clip=self.options.grad_clip,
                        autocast_dtype=PRECISIONS[self.options.precision], scaler=self.scaler,
                        world_size=2 if self.options.ddp else 1, all_reduce=no_collective,
@@ -285,7 +298,7 @@ class StepTracer:
 
     def trace_batches(self, batches) -> Traced:
         """A step of these micro-batches (dicts of the model's inputs, on this tracer's kind of tensors)."""
-        with self.mode:
+        with self.mode, self._own_rng():  # the random state is saved before the tracker counts anything
             tracker = PeakMemory(self.model, self.optimizer, cuda_blocks=self.options.device == "cuda")
             with tracker:
                 self._step(batches)
@@ -296,7 +309,7 @@ class StepTracer:
         included: what the plan's cost model weighs. Counted on a step of its own (the counter keeps
         tensors alive, so it is never inside a memory trace)."""
         from torch.utils.flop_counter import FlopCounterMode
-        with self.mode:
+        with self.mode, self._own_rng():
             batches = [self.batch(batch, frames, tokens)]
             with FlopCounterMode(display=False) as counter:
                 self._step(batches)
@@ -346,6 +359,53 @@ class StepTracer:
                                          if isinstance(t, torch.Tensor)}.values())
         grads = sum(size(p) for p in self.model.parameters() if p.requires_grad)
         return {"parameters": params, "buffers": buffers, "optimizer_state": state, "gradients": grads}
+
+
+class PlanTracer:
+    """The tracer a plan fits and weighs levers with: a `StepTracer` on fake tensors, but for a CPU step of
+    a model of at most REAL_TRACE_PARAMETERS, whose shapes up to REAL_TRACE_SCORES attention scores (heads
+    x encoder blocks x B x T^2: a few hundred MiB) it traces on real tensors: the same step and tracker,
+    the same bytes (tests/memory checks both ways agree), in a fraction of the time. Longer shapes (a
+    3-hour clip's) and GPU steps, which only fake tensors can stand for here, are traced fake."""
+
+    def __init__(self, config: dict, vocab: int, input_size: int, options: StepOptions,
+                 hotwords: HotwordSampling | None = None):
+        self.config, self.vocab, self.input_size, self.options = config, vocab, input_size, options
+        self.hotwords = hotword_bound(config, hotwords)
+        self._fake: StepTracer | None = None
+        self.real: StepTracer | None = None
+        if options.device == "cpu":
+            with torch.device("meta"):
+                size = sum(p.numel() for p in build_paraformer(config, vocab, input_size).parameters())
+            if size <= REAL_TRACE_PARAMETERS:
+                self.real = StepTracer(config, vocab, input_size, options, fake=False, hotwords=hotwords)
+        conf = config.get("encoder_conf") or {}
+        self._scores = int(conf.get("attention_heads", 4)) * int(conf.get("num_blocks", 1) + conf.get("tp_blocks", 0))
+
+    @property
+    def fake(self) -> StepTracer:
+        if self._fake is None:
+            self._fake = StepTracer(self.config, self.vocab, self.input_size, self.options, hotwords=self.hotwords)
+        return self._fake
+
+    def _for(self, batch: int, frames: int) -> StepTracer:
+        cheap = self.real is not None and self._scores * batch * frames * frames <= REAL_TRACE_SCORES
+        return self.real if cheap else self.fake
+
+    def trace(self, batch: int, frames: int, tokens: int, *words: int) -> Traced:
+        return self._for(batch, frames).trace(batch, frames, tokens, *words)
+
+    def trace_many(self, shapes) -> list[Traced]:
+        shapes = list(shapes)
+        fake = [s for s in shapes if self._for(*s[:2]) is not self.real]
+        out = dict(zip(fake, self.fake.trace_many(fake))) if fake else {}
+        return [out[s] if s in out else self.real.trace(*s) for s in shapes]
+
+    def flops(self, batch: int, frames: int, tokens: int) -> int:
+        return self._for(batch, frames).flops(batch, frames, tokens)
+
+    def resident(self) -> dict:
+        return (self.real or self.fake).resident()
 
 
 _TRACER: StepTracer | None = None  # the tracer forked workers inherit

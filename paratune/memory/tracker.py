@@ -80,6 +80,7 @@ class PeakMemory(TorchDispatchMode):
         cpu_8bit = type(optimizer).__module__.startswith("bitsandbytes") and not cuda_blocks
         self._kernels = Adam8bitCpu() if cpu_8bit else None
         self._host: set[int] = set()  # storages an offloading optimizer keeps in host memory: not counted
+        self._aliases: dict = {}  # operator -> whether its schema lets an output alias an input
 
     # -- bookkeeping
     def _track(self, t: torch.Tensor, tag: str, retag: bool = False) -> None:
@@ -234,10 +235,13 @@ class PeakMemory(TorchDispatchMode):
         tag = "backward" if torch._C._current_autograd_node() is not None else self._tag
         # a view of an input (or an in-place op on one) allocates nothing, even when the input was made
         # before the step (a split batch's halves are views of the batch); the schema says which ops alias
-        inputs, schema = (), getattr(func, "_schema", None)
-        if schema is None or any(r.alias_info is not None for r in schema.returns):
+        inputs, aliases = (), self._aliases.get(func)
+        if aliases is None:
+            schema = getattr(func, "_schema", None)
+            aliases = self._aliases[func] = schema is None or any(r.alias_info is not None for r in schema.returns)
+        if aliases:
             inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
+        for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and (id(t.untyped_storage()) not in inputs
                                                 or id(t.untyped_storage()) in self._live):
                 self._track(t, tag)
