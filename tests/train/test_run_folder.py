@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from paratune.cli import main
-from paratune.train import checkpoint
+from paratune.train import checkpoint, run_folder
 from paratune.train.finetune import Finetune
 from tests.train.fsdd import prepare_fsdd
 
@@ -114,6 +114,24 @@ def test_a_crafted_checkpoint_deletes_nothing(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {out / 'checkpoint.pt'}: kept model" in err and "Traceback" not in err
     assert victim.read_text() == "precious"
+
+
+def test_only_a_kept_model_the_folder_holds_by_name_is_removed(tmp_path):
+    """The second line of defence behind `checkpoint.kept_name`: a name that is not a kept model's, one
+    that leads out of the folder, or a link in it, is left alone with a warning."""
+    out, outside = tmp_path / "exp", tmp_path / "model.ep1.pt"
+    out.mkdir()
+    outside.write_text("outside")
+    (out / "model.ep1.pt").symlink_to(outside)
+    (out / "notes.txt").write_text("mine")
+    (out / "model.ep2.pt").write_text("kept")
+    warnings = []
+    for name in ("model.ep1.pt", "notes.txt", "../model.ep1.pt"):
+        run_folder.remove_kept(out, name, warnings.append)
+    assert len(warnings) == 3 and all(w.startswith("warning: not removing") for w in warnings)
+    assert (out / "model.ep1.pt").is_symlink() and outside.read_text() == "outside" and (out / "notes.txt").exists()
+    run_folder.remove_kept(out, "model.ep2.pt", warnings.append)
+    assert not (out / "model.ep2.pt").exists() and len(warnings) == 3
 
 
 def test_old_checkpoint_paths_map_to_names_in_the_folder(tmp_path):
