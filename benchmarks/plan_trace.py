@@ -10,30 +10,17 @@ medium config (16 M parameters, past the bound: where real tensors stop paying).
 """
 from __future__ import annotations
 
-import copy
-import os
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from memory_model import configs  # the small and medium configs, resized from paraformer-large's
 
 import paratune
 from paratune.memory import trace
 from paratune.memory.estimate import load_or_fit
 from paratune.memory.trace import StepOptions, StepTracer
 from paratune.modeldir import read_model_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-LARGE = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "paraformer_large"
-
-
-def resized(d: int, units: int, enc: int, dec: int, att: int) -> dict:
-    c = copy.deepcopy(yaml.safe_load((LARGE / "config.yaml").read_text(encoding="utf-8")))
-    c["encoder_conf"].update(output_size=d, attention_heads=4, linear_units=units, num_blocks=enc)
-    c["decoder_conf"].update(attention_heads=4, linear_units=units, num_blocks=dec, att_layer_num=att)
-    c["predictor_conf"]["idim"] = d
-    return c
 
 
 def timed_fit(config, vocab, input_size, real_bound: int):
@@ -47,8 +34,8 @@ def timed_fit(config, vocab, input_size, real_bound: int):
 def main() -> None:
     bound = trace.REAL_TRACE_PARAMETERS
     demo = read_model_dir(Path(paratune.__file__).parent / "assets" / "demo_model")
-    cases = {"demo model": (demo.config, demo.vocab_size, demo.input_size),
-             "small config (3+3 blocks, d=64)": (resized(64, 96, 3, 3, 2), 100, 560)}
+    (small_name, (small, small_vocab)), _ = configs().items()
+    cases = {"demo model": (demo.config, demo.vocab_size, demo.input_size), small_name: (small, small_vocab, 560)}
     print("first CPU fit up to 384 frames, 64 tokens, empty cache:")
     for name, (config, vocab, size) in cases.items():
         fake_s, fake = timed_fit(config, vocab, size, 0)
@@ -56,8 +43,7 @@ def main() -> None:
         same = fake.coef == real.coef and fake.gradients == real.gradients and fake.resident == real.resident
         print(f"  {name}: fake {fake_s:.1f} s, as planned {real_s:.1f} s (x{fake_s / real_s:.1f}); same fit: {same}")
     print("one probe of 8 x 200 frames, 40 tokens (two micro-batches):")
-    for name, (config, vocab) in {"small": (resized(64, 96, 3, 3, 2), 100),
-                                  "medium (12+6 blocks, d=256)": (resized(256, 1024, 12, 6, 6), 2000)}.items():
+    for name, (config, vocab) in configs().items():
         times = []
         for fake in (True, False):
             tracer = StepTracer(config, vocab, 560, StepOptions(), fake=fake)

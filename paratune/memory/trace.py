@@ -49,7 +49,7 @@ TRACER_VERSION = 6
 
 # A CPU step of a model up to this size is traced on real tensors by the plan (`PlanTracer`): the same
 # step and tracker, the same bytes, in less time (benchmarks/plan_trace.py: the demo model's first fit
-# 2.1x faster; at 16 M parameters a real 8 x 200-frame probe already takes twice a fake one's time)
+# 2x faster; at 16 M parameters a real 8 x 200-frame probe already takes about three times a fake one's)
 REAL_TRACE_PARAMETERS = 2_000_000
 REAL_TRACE_SCORES = 2 ** 26
 
