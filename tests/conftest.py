@@ -62,3 +62,18 @@ def pytest_collection_finish(session):
     the millions of objects of the imports (0.1-0.5 s a collection otherwise)."""
     gc.collect()
     gc.freeze()
+
+
+def pytest_runtest_setup(item):
+    """Again at each test module's first test (before its fixtures are made): what earlier modules
+    imported lazily (torch._dynamo with the first fake tensor, matplotlib, tensorboard, bitsandbytes:
+    over 100,000 objects each) stops costing every later collection. Garbage is collected first, so
+    nothing freeable is frozen; what is frozen was alive anyway."""
+    module = item.module.__name__ if item.module else None
+    if module != item.session.stash.get(_FROZEN_AT, None):
+        item.session.stash[_FROZEN_AT] = module
+        gc.collect()
+        gc.freeze()
+
+
+_FROZEN_AT = pytest.StashKey[str]()  # the test module whose first test last froze gc
