@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paratune.memory import trace
-from paratune.memory.estimate import MemoryModel, entry_key, fit, fit_range, load_or_fit, random_shapes
+from paratune.memory.estimate import MemoryModel, entry_key, fit_range, load_or_fit, random_shapes
 from paratune.memory.trace import PlanTracer, StepOptions, StepTracer, fit_key
 from tests.model.reference import load_config, small_config
 
@@ -50,9 +50,9 @@ def test_a_plan_traces_a_small_cpu_step_on_real_tensors_with_the_same_bytes(conf
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_fit_predicts_unseen_shapes_within_3_percent(config, checkpointing):
+def test_fit_predicts_unseen_shapes_within_3_percent(config, checkpointing, fake_fit):
     tracer = StepTracer(config, 100, 560, StepOptions(checkpointing=checkpointing))
-    model = fit(tracer, max_frames=200, max_tokens=40, holdout=8, seed=1)
+    model = fake_fit(config, 100, 560, tracer.options, 200, 40, holdout=8)
     assert len(model.holdout) == 16  # each shape as a step of one micro-batch and as a later micro-batch
     assert model.worst_holdout_error <= 0.03, model.holdout
     # and against real tensors in a real step, on shapes the fit never saw

@@ -8,9 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from paratune.memory.estimate import fit
 from paratune.memory.shard import shard_model, sharded_static
-from paratune.memory.trace import StepTracer
+from paratune.memory.trace import StepOptions
 from tests.model.reference import load_config, small_config
 
 
@@ -69,10 +68,9 @@ def test_fsdp2_static_per_rank_matches_real_shards(large_dir, tmp_path, world_si
     assert rank0 == {k: predicted[k] for k in rank0}  # rank 0 holds the padded shards: exact
 
 
-def test_sharding_divides_the_static_memory(large_dir):
+def test_sharding_divides_the_static_memory(large_dir, fake_fit):
     config = small_config(load_config(large_dir))
-    tracer = StepTracer(config, 100, 560)
-    model = fit(tracer, 100, 20)
+    model = fake_fit(config, 100, 560, StepOptions(), 200, 40)
     with torch.device("meta"):
         from paratune.model.build import build_paraformer
         net = build_paraformer(config, 100, 560)

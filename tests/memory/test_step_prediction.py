@@ -12,7 +12,7 @@ import json
 import pytest
 
 from paratune.memory.calibrate import ddp_rank_peaks, spawn_ranks
-from paratune.memory.estimate import fit, random_shapes
+from paratune.memory.estimate import random_shapes
 from paratune.memory.trace import StepOptions, StepTracer
 from paratune.train.guard import InjectOOM
 from tests.model.reference import load_config, medium_config, small_config
@@ -47,15 +47,15 @@ def sized(request, large_dir):
 
 
 @pytest.fixture(scope="module")
-def model(sized):
+def model(sized, fake_fit):
     _, config, vocab = sized
-    return fit(StepTracer(config, vocab, INPUT, StepOptions()), max_frames=MAX_FRAMES, max_tokens=MAX_TOKENS)
+    return fake_fit(config, vocab, INPUT, StepOptions(), MAX_FRAMES, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def ddp_model(sized):
+def ddp_model(sized, fake_fit):
     _, config, vocab = sized
-    return fit(StepTracer(config, vocab, INPUT, StepOptions(ddp=True)), max_frames=MAX_FRAMES, max_tokens=MAX_TOKENS)
+    return fake_fit(config, vocab, INPUT, StepOptions(ddp=True), MAX_FRAMES, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
