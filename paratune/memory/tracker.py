@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 # The CUDA caching allocator hands out multiples of 512 bytes; tensors elsewhere cost their size.
 CUDA_BLOCK = 512
-_DEVICE = torch.ops.prim.device.default
+DEVICE_QUERY = torch.ops.prim.device.default  # asked of fake tensors through the mode stack; allocates nothing
 FIRST, LATER, TAIL = 0, 1, 2  # parts of a step (PeakMemory.stages)
 
 
@@ -232,7 +232,7 @@ class PeakMemory(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _DEVICE:  # fake tensors ask for their device through the mode stack: most calls, no bytes
+        if func is DEVICE_QUERY:  # fake tensors ask for their device through the mode stack: most calls, no bytes
             return func(*args)
         out = func(*args, **(kwargs or {}))
         tag = "backward" if torch._C._current_autograd_node() is not None else self._tag
