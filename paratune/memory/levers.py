@@ -110,10 +110,15 @@ class LeverSearch:
         self._figures: dict[StepOptions, dict] = {}
 
     def tracer(self, options: StepOptions) -> PlanTracer:
-        if options not in self._tracers:
-            self._tracers[options] = PlanTracer(self.spec.config, self.spec.vocab_size, self.spec.input_size,
-                                                 options, self.hotwords)
-        return self._tracers[options]
+        """One tracer per setting but the checkpointing, switched to `options`' blocks: the binary search
+        over them costs a trace a step, not a model build and a warm-up step too."""
+        base = dataclasses.replace(options, checkpointing=(0, 0))
+        if base not in self._tracers:
+            self._tracers[base] = PlanTracer(self.spec.config, self.spec.vocab_size, self.spec.input_size,
+                                              base, self.hotwords)
+        tracer = self._tracers[base]
+        tracer.checkpoint(options.checkpointing)
+        return tracer
 
     def _path(self, options: StepOptions) -> Path:
         key = fit_key(self.spec.config, self.spec.vocab_size, self.spec.input_size, options, self.hotwords)

@@ -35,7 +35,8 @@ from paratune.data.hotwords import CONFIG_KEYS, HotwordSampling, hotword_samplin
 from paratune.memory.tracker import DEVICE_QUERY, FIRST, TAIL, PeakMemory, storage_bytes
 from paratune.model.build import build_paraformer
 from paratune.train.distributed import Local
-from paratune.train.step import PRECISIONS, Micro, StepOptions, import_bitsandbytes, prepare_model, train_step
+from paratune.train.step import (PRECISIONS, Micro, StepOptions, apply_checkpointing, import_bitsandbytes, prepare_model,
+                                 train_step)
 
 __all__ = ["PRECISIONS", "StepOptions", "StepTracer", "Traced", "cuda_kernels", "fake_batch", "fit_key",
            "hotword_bound", "hotword_shape", "PlanTracer"]
@@ -274,6 +275,12 @@ class StepTracer:
             # one step creates the optimizer state: what a long run holds at every later step
             self._step([self.batch(1, 8, 2)])
 
+    def checkpoint(self, counts: tuple[int, int]) -> None:
+        """Trace from now on with these blocks checkpointed: the same model and optimizer state (checkpointing
+        changes neither), other blocks recomputed in backward."""
+        self.options = dataclasses.replace(self.options, checkpointing=counts)
+        apply_checkpointing(self.model, self.options.checkpointing)
+
     def batch(self, batch: int, frames: int, tokens: int, *words: int) -> dict:
         """The batch a (B, T, U) or (B, T, U, N, L) step is traced with (`fake_batch`, with this model's
         hotwords)."""
@@ -383,6 +390,13 @@ class PlanTracer:
                 self.real = StepTracer(config, vocab, input_size, options, fake=False, hotwords=hotwords)
         conf = config.get("encoder_conf") or {}
         self._scores = int(conf.get("attention_heads", 4)) * int(conf.get("num_blocks", 1) + conf.get("tp_blocks", 0))
+
+    def checkpoint(self, counts: tuple[int, int]) -> None:
+        """`StepTracer.checkpoint` on both tracers (the fake one, if not built yet, is built so)."""
+        self.options = dataclasses.replace(self.options, checkpointing=counts)
+        for tracer in (self.real, self._fake):
+            if tracer is not None:
+                tracer.checkpoint(counts)
 
     @property
     def fake(self) -> StepTracer:

@@ -142,7 +142,6 @@ def prepare_model(model: nn.Module, options: StepOptions, device=None, wrap=None
     """The model as a step with `options` runs it: frozen prefixes, LoRA adapters, checkpointing, on
     `device`, `wrap(model)` applied (rank 0's weights broadcast, FSDP sharding), then its optimizer and
     the fp16 loss scaler. The trainer, the tracer and the calibration all start here."""
-    from paratune.model.build import set_checkpointing
     for name, p in model.named_parameters():
         p.requires_grad_(not any(name.startswith(prefix) for prefix in options.frozen))
     if options.lora_r:
@@ -151,8 +150,7 @@ def prepare_model(model: nn.Module, options: StepOptions, device=None, wrap=None
                          options.lora_targets or DEFAULT_TARGETS)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"freeze={list(options.frozen)} leaves no parameter to train")
-    enc, dec = options.checkpointing
-    set_checkpointing(model, encoder_blocks=None if enc == ALL else enc, decoder_blocks=None if dec == ALL else dec)
+    apply_checkpointing(model, options.checkpointing)
     if device is not None:
         model = model.to(device)
     model.train()
@@ -161,6 +159,13 @@ def prepare_model(model: nn.Module, options: StepOptions, device=None, wrap=None
     optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay, name=options.optimizer)
     scaler = torch.amp.GradScaler(torch.device(device or "cpu").type) if options.precision == "fp16" else None
     return Prepared(model, optimizer, scaler)
+
+
+def apply_checkpointing(model: nn.Module, counts: tuple[int, int]) -> None:
+    """`StepOptions.checkpointing` on the model's blocks: a flag per block, nothing else changes."""
+    from paratune.model.build import set_checkpointing
+    enc, dec = counts
+    set_checkpointing(model, encoder_blocks=None if enc == ALL else enc, decoder_blocks=None if dec == ALL else dec)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from paratune.memory.estimate import random_shapes
 from paratune.memory.trace import StepOptions, StepTracer
+from paratune.train.step import ALL
 from tests.model.reference import load_config, medium_config, small_config
 
 INPUT = 560
@@ -149,3 +150,19 @@ def test_which_optimizer_levers_a_plan_may_use():
     for state in ("8bit", "offload"):
         with pytest.raises(ValueError, match="--fsdp"):
             choose_levers(None, StepOptions(device="cuda"), config(state), (4, 2), (100, 10), fsdp=True)
+
+
+def test_a_tracer_switched_to_other_blocks_traces_as_one_built_with_them(large):
+    """`LeverSearch` steps through the checkpointing ladder on one tracer per optimizer (`checkpoint`): each
+    setting's step is byte for byte a tracer's built with it, fake and real, back and forth."""
+    from paratune.memory.levers import ladder
+    config, vocab = sized(large, "small")
+    settings = [ladder((3, 3))[1], (ALL, ALL), (0, 0)]
+    for fake in (True, False):
+        switched = StepTracer(config, vocab, INPUT, StepOptions(optimizer="adamw8bit"), fake=fake)
+        for counts in settings:
+            switched.checkpoint(counts)
+            built = StepTracer(config, vocab, INPUT, StepOptions(optimizer="adamw8bit", checkpointing=counts), fake=fake)
+            a, b = switched.trace(3, 120, 20), built.trace(3, 120, 20)
+            assert (a.peak, a.stages, a.breakdown) == (b.peak, b.stages, b.breakdown), (fake, counts)
+            assert switched.options == built.options
