@@ -2,7 +2,8 @@
 """Set-up and tasks that need nothing but Python >= 3.10 with pip.
 
     python3 dev.py demo           # venv + paratune; transcribe the bundled clips, then `paratune demo` (fine-tuning)
-    python3 dev.py test [ARGS]    # venv + paratune + test extras + funasr reference, then pytest [ARGS]
+    python3 dev.py test [ARGS]    # venv + paratune + test extras + funasr reference, then pytest [ARGS],
+                                  # a pytest-xdist worker per core unless ARGS say `-n`
 
 Each task creates `.venv/` and installs what it needs the first time (and again when pyproject.toml
 changes). Without an NVIDIA driver, PyTorch is pinned to 2.13.0 before paratune's own range is
@@ -65,7 +66,18 @@ def demo(args: list[str]) -> int:
 
 def test(args: list[str]) -> int:
     ensure("test,reference")
-    return subprocess.run([PY, "-m", "pytest", *args], cwd=ROOT).returncode
+    return subprocess.run([PY, "-m", "pytest", *workers(args), *args], cwd=ROOT).returncode
+
+
+def workers(args: list[str]) -> list[str]:
+    """pytest-xdist options: a worker per core (at most 8, each holds torch and a model or two), each test
+    file kept whole on one worker so that its module fixtures are built once. ARGS that choose (`-n 0`,
+    `-p no:xdist`) win. tests/conftest.py gives each worker one compute thread."""
+    if any(a.startswith(("-n", "--numprocesses", "--dist")) or a in ("no:xdist", "-pno:xdist") for a in args):
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = min(cores, 8)
+    return ["-n", str(n), "--dist", "loadfile"] if n > 1 else []
 
 
 TASKS = {"demo": demo, "test": test}

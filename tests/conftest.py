@@ -21,8 +21,10 @@ def fit_cache(tmp_path_factory) -> Path:
     test starts): a fit is deterministic given the model config, the step options and the range, so the
     tests that plan or train the same model share it instead of refitting (about 14 s for the FSDD
     recipe model). Nothing reads or writes the user's ~/.cache. A test that inspects or calibrates the
-    cache sets a private one of its own."""
-    path = tmp_path_factory.mktemp("fit_cache")
+    cache sets a private one of its own. Under pytest-xdist the workers share it (writes are atomic)."""
+    base = tmp_path_factory.getbasetemp()
+    path = base.parent / "fit_cache" if os.environ.get("PYTEST_XDIST_WORKER") else base / "fit_cache"
+    path.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PARATUNE_CACHE", str(path))
         yield path
@@ -53,6 +55,16 @@ def funasr():
             pytest.fail("funasr==1.4.16 is not installed but CI must run the parity tests")
         pytest.skip("funasr==1.4.16 not installed (pip install -e '.[reference]')")
     return funasr
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`python3 dev.py test` runs one worker per core) each worker and every process a
+    test starts computes on one thread: two processes of two OpenMP threads each on two cores spin
+    against each other, a small training loop ran 12 times slower than alone."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_finish(session):

@@ -148,7 +148,8 @@ def test_torchrun_two_ranks_split_the_epoch_and_ooms_in_lockstep(digits, tmp_pat
     import sys
     exp = tmp_path / "exp"
     env = dict(os.environ)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "paratune",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "paratune",
                           "finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
                           "--output", str(exp), "--budget", "1GiB", "--inject-oom", "2,3,9",
                           *(["--fsdp", "--valid", str(digits["valid"])] if fsdp else []),

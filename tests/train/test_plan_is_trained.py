@@ -69,7 +69,8 @@ def test_the_plan_is_what_each_rank_trains(capsys, train, tmp_path, fsdp):
     env = dict(os.environ)
     plan = planned(capsys, train, COMMON, world=2, fsdp=fsdp)
     exp = tmp_path / "exp"
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "paratune",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "paratune",
                           "finetune", "--model", str(MODEL), "--from-scratch", "--train", str(train), "--output",
                           str(exp), "--budget", BUDGET, "--device", "cpu", *(["--fsdp"] if fsdp else []), *COMMON],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
