@@ -61,10 +61,20 @@ def pytest_configure(config):
     """Under pytest-xdist (`python3 dev.py test` runs one worker per core) each worker and every process a
     test starts computes on one thread: two processes of two OpenMP threads each on two cores spin
     against each other, a small training loop ran 12 times slower than alone."""
+    import torch
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+    config.stash[_THREADS] = torch.get_num_threads()
+
+
+def pytest_runtest_teardown(item):
+    """FunASR's AutoModel sets torch's thread count to 4 for the whole process: the tests after one that
+    loads a model through it would compute on 4 threads on 2 cores (test_parity's large case took 699 s
+    instead of 19 s on a worker after test_modeldir's). Each test starts with the session's count."""
+    import torch
+    if torch.get_num_threads() != item.config.stash[_THREADS]:
+        torch.set_num_threads(item.config.stash[_THREADS])
 
 
 def pytest_collection_finish(session):
@@ -89,3 +99,4 @@ def pytest_runtest_setup(item):
 
 
 _FROZEN_AT = pytest.StashKey[str]()  # the test module whose first test last froze gc
+_THREADS = pytest.StashKey[int]()  # torch's thread count for every test (one per pytest-xdist worker)
