@@ -6,7 +6,10 @@ A plan for a CPU run of a model of at most `REAL_TRACE_PARAMETERS` traces its pr
 fits the bundled demo model (0.85 M parameters) and the small test config, once with every probe fake
 (the reference, `REAL_TRACE_PARAMETERS = 0`) and once as a plan does, each into an empty cache, and checks
 that the two fits are the same. Then it times one 8 x 200-frame probe fake and real for the small and the
-medium config (16 M parameters, past the bound: where real tensors stop paying).
+medium config (16 M parameters, past the bound: where real tensors stop paying). Last, for the models under
+the bound (the demo, the FSDD recipe's and the small config), with and without checkpointing, each of 9
+shapes is traced real and fake, and the kind `PlanTracer` picks (REAL_SECONDS, FAKE_SECONDS) is set beside
+the faster one: the data those constants were fitted to.
 """
 from __future__ import annotations
 
@@ -31,6 +34,36 @@ def timed_fit(config, vocab, input_size, real_bound: int):
         return time.perf_counter() - start, model
 
 
+SHAPES = [(1, 64, 16), (1, 256, 32), (1, 768, 64), (1, 1536, 128), (4, 128, 32), (4, 512, 64), (16, 128, 32),
+          (16, 256, 32), (64, 64, 16)]
+
+
+def real_or_fake(models) -> None:
+    """Each shape traced both ways, against the kind the plan's tracer picks."""
+    from paratune.memory.trace import PlanTracer
+    print("real or fake, by shape (seconds for a probe of two micro-batches; pick: the rule's, * where slower):")
+    picked = best = 0.0
+    for name, (config, vocab, size) in models.items():
+        for counts in ((0, 0), (-1, -1)):
+            options = StepOptions(checkpointing=counts)
+            real, fake = (StepTracer(config, vocab, size, options, fake=f) for f in (False, True))
+            plan = PlanTracer(config, vocab, size, options)
+            real.trace(1, 64, 8), fake.trace(2, 64, 8)  # warm
+            row = []
+            for s in SHAPES:
+                seconds = []
+                for tracer in (real, fake):
+                    start = time.perf_counter()
+                    tracer.trace(*s)
+                    seconds.append(time.perf_counter() - start)
+                pick = 0 if plan._for(*s[:2]) is plan.real else 1
+                picked, best = picked + seconds[pick], best + min(seconds)
+                row.append(f"{s[0]}x{s[1]} {seconds[0]:.2f}/{seconds[1]:.2f} {'rf'[pick]}"
+                           f"{'*' if seconds[pick] > min(seconds) else ''}")
+            print(f"  {name}, checkpointing {counts}: " + ", ".join(row))
+    print(f"  all shapes: {picked:.1f} s as picked, {best:.1f} s at the faster kind each")
+
+
 def main() -> None:
     bound = trace.REAL_TRACE_PARAMETERS
     demo = read_model_dir(Path(paratune.__file__).parent / "assets" / "demo_model")
@@ -52,6 +85,10 @@ def main() -> None:
             tracer.trace(8, 200, 40)
             times.append(time.perf_counter() - start)
         print(f"  {name}: fake {times[0]:.2f} s, real {times[1]:.2f} s")
+    recipe = read_model_dir(Path(__file__).resolve().parents[1] / "examples" / "fsdd" / "model")
+    real_or_fake({"demo model": cases["demo model"], "FSDD recipe model": (recipe.config, recipe.vocab_size,
+                                                                           recipe.input_size),
+                  small_name: cases[small_name]})
 
 
 if __name__ == "__main__":

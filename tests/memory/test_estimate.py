@@ -41,6 +41,8 @@ def test_a_plan_traces_a_small_cpu_step_on_real_tensors_with_the_same_bytes(conf
     fake = StepTracer(config, 100, 560, StepOptions(checkpointing=True)).trace_many(shapes)
     assert [r.stages for r in real] == [f.stages for f in fake] and [r.peak for r in real] == [f.peak for f in fake]
     assert tracer.resident() == tracer.fake.resident()
+    # a shape a real step computes for longer than a fake one takes is traced fake, though it fits the bound
+    assert tracer._scores * 64 * 200 * 200 <= trace.REAL_TRACE_SCORES and tracer._for(64, 200) is tracer.fake
     # a shape past the real-trace bound (a long clip) is traced fake, and so is every GPU step
     monkeypatch.setattr(trace, "REAL_TRACE_SCORES", 4 * 3 * 120 * 120)
     assert tracer._for(1, 120) is tracer.real and tracer._for(1, 121) is tracer.fake
