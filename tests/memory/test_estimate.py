@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from paratune.memory import trace
-from paratune.memory.estimate import MemoryModel, entry_key, fit_range, load_or_fit, random_shapes
+from paratune.memory import estimate, trace
+from paratune.memory.estimate import MemoryModel, entry_key, fit, fit_range, load_or_fit, random_shapes
 from paratune.memory.trace import PlanTracer, StepOptions, StepTracer, fit_key
 from tests.model.reference import load_config, small_config
 
@@ -67,6 +67,22 @@ def test_fit_predicts_unseen_shapes_within_3_percent(config, checkpointing, fake
     # AdamW: two fp32 moments per parameter, plus a scalar step count per tensor
     extra = resident["optimizer_state"] - 2 * resident["parameters"]
     assert 0 <= extra <= 8 * sum(1 for _ in tracer.model.parameters())
+
+
+def test_a_fit_off_at_its_held_out_shapes_traces_the_inside_of_the_grid(config, monkeypatch):
+    """Nine probes (the corners of the (T, U) grid and the extras) unless a held-out shape is more than
+    REFINE_ERROR off: then the four inside the grid too, and the same held-out shapes are checked again."""
+    tracer = PlanTracer(config, 100, 560, StepOptions())  # real tensors: 0.3 M parameters, short shapes
+    coarse = fit(tracer, 64, 16, holdout=2)
+    assert len(coarse.probes) == 9 and coarse.worst_holdout_error <= estimate.REFINE_ERROR
+    monkeypatch.setattr(estimate, "REFINE_ERROR", -1.0)  # every fit is off by more
+    dense = fit(tracer, 64, 16, holdout=2)
+    shapes = [{(p["batch"], p["frames"], p["tokens"]) for p in m.probes} for m in (coarse, dense)]
+    assert len(dense.probes) == 13 and shapes[0] < shapes[1]
+    held = [[(h["batch"], h["frames"], h["tokens"], h["later"], h["peak"]) for h in m.holdout] for m in (coarse, dense)]
+    assert held[0] == held[1] and len(held[0]) == 4
+    assert [h["predicted"] for h in dense.holdout] == [dense.peak(h["batch"], h["frames"], h["tokens"], h["later"])
+                                                       for h in dense.holdout]
 
 
 def test_static_memory_follows_the_options(config):
