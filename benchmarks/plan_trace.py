@@ -21,7 +21,7 @@ from memory_model import configs  # the small and medium configs, resized from p
 
 import paratune
 from paratune.memory import trace
-from paratune.memory.estimate import load_or_fit
+from paratune.memory.fit_cache import load_or_fit
 from paratune.memory.trace import StepOptions, StepTracer
 from paratune.modeldir import read_model_dir
 

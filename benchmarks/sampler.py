@@ -35,7 +35,7 @@ def main() -> None:
 
     from paratune.data.lengths import read_lengths, write_synthetic_manifest
     from paratune.data.sampler import MemoryBoundedSampler
-    from paratune.memory.estimate import load_or_fit
+    from paratune.memory.fit_cache import load_or_fit
     from paratune.memory.plan import Limit, parse_bytes
     from paratune.memory.trace import StepOptions
     from paratune.modeldir import read_model_dir

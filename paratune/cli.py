@@ -130,7 +130,7 @@ def _plan(args) -> int:
     import json
     import time
 
-    from paratune.memory.estimate import load_or_fit
+    from paratune.memory.fit_cache import load_or_fit
     from paratune.memory.plan import PlanError, make_plan, plan_run
     from paratune.memory.report import explain_peak, summary, write_png
     from paratune.modeldir import ModelDirError
@@ -203,7 +203,7 @@ def _calibrate(args, spec, plan) -> bool:
 
     from paratune.io import atomic_write_text
     from paratune.memory.calibrate import calibrate
-    from paratune.memory.estimate import cache_dir
+    from paratune.memory.fit_cache import cache_dir
     from paratune.memory.trace import StepOptions
 
     bad_device = _device_error(args.device, " --calibrate (it measures real steps on the device)")

@@ -38,20 +38,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
-import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from paratune.io import atomic_write_text
 from paratune.data.hotwords import HotwordSampling
-from paratune.memory.trace import PlanTracer, StepOptions, StepTracer, fit_key, hotword_shape
+from paratune.memory.trace import StepTracer, hotword_shape
 from paratune.memory.tracker import FIRST, LATER, TAIL
-from paratune.train.step import checkpoint_text
 
 SINGLE, ACCUMULATED = (FIRST, TAIL), (LATER, TAIL)  # the parts that bound each kind of micro-batch
 
@@ -190,9 +185,8 @@ def probe_shapes(max_frames: int, max_tokens: int, batch: int, dense: bool = Fal
     so that no planned shape is far outside the probes (extrapolating the quadratic to T a tenth of the
     shortest probe was 3 % off), and the first probe (`first_probe`). Tokens never exceed frames (CIF
     emits at most one token per frame). `dense` adds the inside of the 3 x 3 (T, U) grid: the fit traces
-    them only when its held-out shapes say the corners are not enough (dropping them moved the worst
-    error of the small and medium configs' fits at 22 unseen shapes by 0.0-0.8 points, benchmarks/
-    fit_design.py)."""
+    them only when its held-out shapes say the corners are not enough (without them the worst error of
+    six small and medium fits at 22 unseen shapes moved by -0.3 to +0.4 points: benchmarks/fit_design.py)."""
     ts = sorted({max(8, max_frames // 10), max(8, max_frames // 3), max_frames})
     us = sorted({max(1, max_tokens // 10), max(1, max_tokens // 3), max_tokens})
     corners = {(ts[0], us[0]), (ts[0], us[-1]), (ts[1], us[-1]), (ts[-1], us[0]), (ts[-1], us[-1])}
@@ -205,13 +199,14 @@ def probe_shapes(max_frames: int, max_tokens: int, batch: int, dense: bool = Fal
 
 
 def hotword_probes(max_frames: int, max_tokens: int, batch: int, sampling: HotwordSampling):
-    """SeACo's extra probes, (B, T, U, N, L): at a few (B, U), up to four times the probe batch, the
-    [sos] entry alone, the most hotwords the sampling can draw, and about half as many rows of half as
-    many tokens. The hotword tensors do not depend on T: the probes are short."""
+    """SeACo's extra probes, (B, T, U, N, L): at three (B, U), short and long U at the probe batch and long U
+    at four times it (enough to separate N, N*L, B*N and B*N*U), the [sos] entry alone, the most hotwords
+    the sampling can draw, and about half as many rows of half as many tokens. The hotword tensors do not
+    depend on T: the probes are short. (Two more (B, U), at U/3, moved the small SeACo config's error at
+    its batches' own hotwords at 11 unseen shapes by at most 0.07 points: benchmarks/fit_design.py.)"""
     t = max(8, max_frames // 10)
-    us = sorted({max(1, max_tokens // 10), max(1, max_tokens // 3), max_tokens})
     out = []
-    for b, u in [(batch, us[0]), (batch, us[1]), (batch, us[2]), (max(1, batch // 2), us[1]), (4 * batch, us[2])]:
+    for b, u in [(batch, max(1, max_tokens // 10)), (batch, max_tokens), (4 * batch, max_tokens)]:
         u = min(u, t)
         n, width = hotword_shape(b, u, sampling)
         out += [(b, t, u, 1, 1), (b, t, u, n, width), (b, t, u, (n + 1) // 2, max(1, (width + 1) // 2))]
@@ -369,84 +364,3 @@ def random_shapes(n: int, max_batch: int, max_frames: int, max_tokens: int, seed
         t = rng.randint(8, max_frames)
         out.append((rng.randint(1, max_batch), t, rng.randint(1, max(1, min(max_tokens, t)))))
     return out
-
-
-def fit_for(config: dict, vocab: int, input_size: int, options: StepOptions, max_frames: int, max_tokens: int,
-            holdout: int = 0, hotwords: HotwordSampling | None = None) -> MemoryModel:
-    return fit(StepTracer(config, vocab, input_size, options, hotwords=hotwords), max_frames, max_tokens, holdout)
-
-
-def cache_dir() -> Path:
-    """Where fits are kept: $PARATUNE_CACHE, else $XDG_CACHE_HOME/paratune/memory (~/.cache/...)."""
-    if os.environ.get("PARATUNE_CACHE"):
-        return Path(os.environ["PARATUNE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "paratune" / "memory"
-
-
-def _grid_up(x: int, least: int) -> int:
-    """The first of least x (1, 1.5, 2, 3, 4, 6, 8, ...) at or above x (`least` a power of two)."""
-    v = least
-    while v < x:
-        v = v * 3 // 2 if v & (v - 1) == 0 else v * 4 // 3
-    return v
-
-
-def fit_range(max_frames: int, max_tokens: int) -> tuple[int, int]:
-    """Round the range up on a coarse grid, so that manifests of similar lengths share a cached fit."""
-    frames = _grid_up(max_frames, 64)
-    return frames, min(_grid_up(max_tokens, 16), frames)
-
-
-def entry_key(key: str, max_frames: int, max_tokens: int) -> str:
-    """A cached fit's name: the config-and-options hash and the range (one file per range)."""
-    return f"{key}.t{max_frames}.u{max_tokens}"
-
-
-def cached_fits(cache: Path, key: str) -> list[MemoryModel]:
-    """The readable fits of this config and options: one per range, and an older single-file entry
-    (named by the hash alone) if there is one. A damaged or foreign file is passed over."""
-    out = []
-    for path in sorted(cache.glob(f"{key}*.json")):
-        try:
-            model = MemoryModel.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        if path.stem == model.key and model.key in (key, entry_key(key, model.max_frames, model.max_tokens)):
-            out.append(model)
-    return out
-
-
-def pick_fit(fits: list[MemoryModel], max_frames: int, max_tokens: int) -> MemoryModel | None:
-    """The smallest fit that covers the range and is within 2x of it (rounded as a new fit would be):
-    a fit on much longer probes is poor at short shapes (one fitted to 180,032 frames over-predicted a
-    17 x 36-frame batch 48-fold). Among equal ranges a calibrated one."""
-    frames, tokens = fit_range(max_frames, max_tokens)
-    near = [m for m in fits if m.covers(max_frames, max_tokens)
-            and m.max_frames <= 2 * frames and m.max_tokens <= 2 * tokens]
-    return min(near, key=lambda m: (m.max_frames, m.max_tokens, not m.calibration), default=None)
-
-
-def load_or_fit(config: dict, vocab: int, input_size: int, options: StepOptions, max_frames: int,
-                max_tokens: int, holdout: int = 2, cache: Path | None = None, log=None,
-                hotwords: HotwordSampling | None = None) -> tuple[MemoryModel, bool]:
-    """The cached fit for this model config and these options that suits the range (`pick_fit`), else
-    a new fit, cached beside the others. `hotwords`: a SeACo run's hotword sampling (default: the one
-    `config` gives, see `paratune.memory.trace.hotword_bound`). Returns (model, was_cached)."""
-    cache = cache_dir() if cache is None else Path(cache)
-    key = fit_key(config, vocab, input_size, options, hotwords)
-    model = pick_fit(cached_fits(cache, key), max_frames, max_tokens)
-    if model is not None:
-        return model, True
-    frames, tokens = fit_range(max_frames, max_tokens)
-    if log:
-        log(f"fitting the memory model ({options.precision}, {options.optimizer}, checkpointing "
-            f"{checkpoint_text(options.checkpointing)} blocks) up to {frames} frames, {tokens} tokens")
-    model = fit(PlanTracer(config, vocab, input_size, options, hotwords), frames, tokens, holdout=holdout,
-                key=entry_key(key, frames, tokens))
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache / f"{model.key}.json", json.dumps(model.to_dict()))
-    except OSError as e:  # a read-only home is no reason to fail the plan
-        if log:
-            log(f"warning: cannot cache the fit in {cache} ({e.strerror or e})")
-    return model, False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paratune.io import atomic_write_text
-from paratune.memory.estimate import cache_dir
+from paratune.memory.fit_cache import cache_dir
 from paratune.memory.trace import PlanTracer, fit_key
 from paratune.memory.tracker import FIRST, LATER, TAIL
 from paratune.train.step import ALL, StepOptions, checkpoint_counts

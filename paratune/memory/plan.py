@@ -15,7 +15,8 @@ from paratune.data.hotwords import HotwordSampling
 from paratune.data.manifest import Lengths
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
 from paratune.memory.cost import StepTiming, weigh_batches
-from paratune.memory.estimate import MemoryModel, load_or_fit
+from paratune.memory.estimate import MemoryModel
+from paratune.memory.fit_cache import load_or_fit
 from paratune.memory.levers import (LABELS, LeverSearch, block_counts, choose_levers, levers_dict, optimizer_candidates,
                                     weighed)
 from paratune.memory.trace import hotword_bound

@@ -24,7 +24,7 @@ import torch
 from paratune.data.hotwords import hotword_sampling
 from paratune.data.loader import FeatureDataset, make_loader, step_batch
 from paratune.data.specaug import augment_batch
-from paratune.memory.estimate import load_or_fit
+from paratune.memory.fit_cache import load_or_fit
 from paratune.memory.plan import gib, plan_run
 from paratune.memory.tracker import PeakMemory
 from paratune.modeldir import ASRModel, ModelDirError, load_model, read_model_dir, save_model

@@ -12,7 +12,7 @@ import pytest
 import paratune
 from paratune.data.lengths import read_lengths, write_synthetic_manifest
 from paratune.data.sampler import MemoryBoundedSampler, bucket_boundaries
-from paratune.memory.estimate import load_or_fit
+from paratune.memory.fit_cache import load_or_fit
 from paratune.memory.plan import Limit
 from paratune.memory.trace import StepOptions
 from paratune.modeldir import read_model_dir

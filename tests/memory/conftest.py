@@ -7,7 +7,8 @@ import json
 import pytest
 
 from paratune.io import atomic_write_text
-from paratune.memory.estimate import MemoryModel, entry_key, fit
+from paratune.memory.estimate import MemoryModel, fit
+from paratune.memory.fit_cache import entry_key
 from paratune.memory.trace import StepOptions, StepTracer, fit_key
 
 

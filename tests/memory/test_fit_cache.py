@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from paratune.memory.estimate import MemoryModel, entry_key, fit, load_or_fit
+from paratune.memory.estimate import MemoryModel, fit
+from paratune.memory.fit_cache import entry_key, load_or_fit
 from paratune.memory.plan import Limit, fitted_limit
 from paratune.memory.trace import StepOptions, StepTracer, fit_key
 from paratune.memory.tracker import FIRST
@@ -24,6 +25,7 @@ def _error(model: MemoryModel, traced: int) -> float:
     return (model.peak(*SMALL) - traced) / traced
 
 
+@pytest.mark.slow
 def test_a_fit_to_an_outlier_range_does_not_serve_short_runs(config, tmp_path):
     options = StepOptions()
     key = fit_key(config, 100, 560, options)
@@ -95,6 +97,7 @@ def test_one_outlier_does_not_stretch_the_fit_range():
     assert limit.fits(1, 3000, 750) and not limit.fits(1, 180_032, 45_008)
 
 
+@pytest.mark.slow
 def test_plan_with_a_3_hour_clip_fits_short_and_excludes_it(capsys, tmp_path, monkeypatch):
     """`paratune plan` on the demo model: the 3-hour clip is excluded, and no cached fit reaches it."""
     from pathlib import Path
