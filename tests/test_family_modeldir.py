@@ -153,6 +153,7 @@ def test_transcribe_prints_text_and_timestamps_funasr_generates(kind, family_dir
     assert sum(len(stamps) for _, stamps in ours.values()) > 50  # random weights still emit plenty of words
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("case", ["few", "many", "file"])
 def test_seaco_hotwords_bias_as_in_funasr(case, family_dirs, zh_real, tokens, tmp_path, capsys, monkeypatch):
@@ -184,6 +185,7 @@ def test_seaco_hotwords_bias_as_in_funasr(case, family_dirs, zh_real, tokens, tm
 
 # ---- 2. save_model's directory in AutoModel ---------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("kind", KINDS)
 def test_saved_directory_loads_in_funasr_and_decodes_identically(kind, family_dirs, zh_real, tmp_path, capsys):

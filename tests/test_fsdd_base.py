@@ -40,6 +40,7 @@ def _link(shared_data: Path, folder: Path, speakers: tuple[str, ...], per_digit:
     return [folder / p.name for p in files]
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_recipe_fine_tunes_the_base_loss_falls_and_funasr_decodes_the_export_alike(shared_data, funasr, tmp_path,
                                                                                    capsys):

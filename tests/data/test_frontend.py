@@ -30,6 +30,7 @@ def frontend(large_dir):
     return WavFrontend(cmvn_file=large_dir / "am.mvn", **LARGE_FRONTEND).eval()
 
 
+@pytest.mark.slow
 def test_load_audio_equals_funasr_loader(funasr, zh_real):
     from funasr.utils.load_utils import load_audio_text_image_video
 

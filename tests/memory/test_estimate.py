@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from paratune.memory import estimate, trace
-from paratune.memory.estimate import MemoryModel, entry_key, fit, fit_range, load_or_fit, random_shapes
+from paratune.memory.estimate import MemoryModel, fit, random_shapes
+from paratune.memory.fit_cache import entry_key, fit_range, load_or_fit
 from paratune.memory.trace import PlanTracer, StepOptions, StepTracer, fit_key
 from tests.model.reference import load_config, small_config
 
@@ -17,6 +18,7 @@ def config(large_dir):
     return small_config(load_config(large_dir))
 
 
+@pytest.mark.slow
 def test_fake_trace_equals_the_real_tracked_peak(config):
     for checkpointing in (False, True):
         options = StepOptions(checkpointing=checkpointing)
@@ -177,6 +179,7 @@ def test_fit_key_reads_grad_clip_as_a_number():
     assert fit_key({}, 10, 80, StepOptions(grad_clip=1)) != fit_key({}, 10, 80, StepOptions(grad_clip=5.0))
 
 
+@pytest.mark.slow
 def test_spawned_tracers_trace_as_forked_ones(config, monkeypatch):
     """With a GPU present autograd refuses forked children: the spawned workers (each with its own
     tracer) must give the same figures as the forked ones and as tracing in this process."""

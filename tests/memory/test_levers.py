@@ -155,6 +155,7 @@ def test_which_optimizer_levers_a_plan_may_use():
             choose_levers(None, StepOptions(device="cuda"), config(state), (4, 2), (100, 10), fsdp=True)
 
 
+@pytest.mark.slow
 def test_a_tracer_switched_to_other_blocks_traces_as_one_built_with_them(large):
     """`LeverSearch` steps through the checkpointing ladder on one tracer per optimizer (`checkpoint`): each
     setting's step is byte for byte a tracer's built with it, fake and real, back and forth."""

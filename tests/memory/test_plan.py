@@ -10,7 +10,7 @@ import paratune
 from paratune.cli import main
 from paratune.data.lengths import read_lengths, write_synthetic_manifest
 from paratune.memory import levers
-from paratune.memory.estimate import load_or_fit
+from paratune.memory.fit_cache import load_or_fit
 from paratune.memory.plan import PlanError, parse_bytes
 from paratune.memory.trace import StepOptions, StepTracer
 from paratune.modeldir import read_model_dir
@@ -83,6 +83,7 @@ def test_lengths_from_audio_headers_match_the_features(tmp_path, zh_real):
     assert list(lengths.tokens) == [2, 2, 2]
 
 
+@pytest.mark.slow
 def test_utterances_too_long_for_the_budget_are_excluded_with_a_remedy(capsys, tmp_path, manifest):
     data = tmp_path / "mixed.jsonl"
     data.write_text(manifest.read_text() + json.dumps({"key": "huge", "source": "x.wav", "source_len": 60000,
@@ -102,6 +103,7 @@ def test_utterances_too_long_for_the_budget_are_excluded_with_a_remedy(capsys, t
     assert plan["levers"]["optimizer"] == "adamw" and not any("fits" in n for n in plan["notes"])
 
 
+@pytest.mark.slow
 def test_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit(capsys, tmp_path, fit_cache):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"key": "long", "source": "x.wav", "source_len": 3000, "target_len": 120}) + "\n")
@@ -200,6 +202,7 @@ def test_explain_and_png(capsys, manifest, tmp_path):
     assert "uncalibrated" not in out  # cpu plans count tensor bytes without a margin
 
 
+@pytest.mark.slow
 def test_fsdp_and_ddp_plans(capsys, manifest):
     _, out1, _ = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--json", "--checkpointing", "off")
     _, out2, _ = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--json", "--checkpointing", "off",
@@ -216,6 +219,7 @@ def test_fsdp_and_ddp_plans(capsys, manifest):
     assert len(ddp["batches"]) >= len(one["batches"])
 
 
+@pytest.mark.slow
 def test_calibrate_on_cpu_compares_real_steps(capsys, manifest, tmp_path, monkeypatch):
     cache = tmp_path / "cache"  # its own: a calibrated fit replaces the shared one, which other tests plan with
     monkeypatch.setenv("PARATUNE_CACHE", str(cache))

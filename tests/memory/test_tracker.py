@@ -30,6 +30,7 @@ def _memtracker_peak(tracer, shape):
 
 @pytest.mark.parametrize("options", [StepOptions(), StepOptions(checkpointing=True),
                                      StepOptions(precision="bf16", optimizer="sgd")], ids=str)
+@pytest.mark.slow
 @pytest.mark.parametrize("fake", [True, False], ids=["fake", "real"])
 def test_peak_equals_memtracker(config, options, fake):
     tracer = StepTracer(config, 100, 560, options, fake=fake)

@@ -138,6 +138,7 @@ def test_lead_first_passes_rank_0s_error_on(tmp_path):
     assert kind == "DistributedError" and "boom" in message and "rank 0" in message
 
 
+@pytest.mark.slow
 def test_lead_first_does_not_wait_for_ever_on_a_stuck_rank_0(tmp_path):
     start = time.monotonic()
     out = _two_ranks(_lead_first_stuck, tmp_path, deadline_s=30)

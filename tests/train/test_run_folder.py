@@ -221,6 +221,7 @@ def test_a_second_ctrl_c_stops_at_once(data, tmp_path, capsys, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_terminal_saves_and_workers_print_no_traceback(data, tmp_path):
     """The terminal sends SIGINT to the whole process group, DataLoader workers included. The reference is
     a process of its own too (this one's threads and global state are the test suite's)."""
