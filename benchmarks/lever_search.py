@@ -24,7 +24,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from paratune.memory.levers import LeverSearch, block_counts, ladder  # noqa: E402
-from paratune.memory.trace import PlanTracer, StepOptions  # noqa: E402
+from paratune.memory.plan_tracer import PlanTracer  # noqa: E402
+from paratune.memory.trace import StepOptions  # noqa: E402
 from paratune.modeldir import read_model_dir  # noqa: E402
 
 LARGE = Path(os.environ.get("PARATUNE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "paraformer_large"

@@ -20,14 +20,14 @@ from pathlib import Path
 from memory_model import configs  # the small and medium configs, resized from paraformer-large's
 
 import paratune
-from paratune.memory import trace
+from paratune.memory import plan_tracer
 from paratune.memory.fit_cache import load_or_fit
 from paratune.memory.trace import StepOptions, StepTracer
 from paratune.modeldir import read_model_dir
 
 
 def timed_fit(config, vocab, input_size, real_bound: int):
-    trace.REAL_TRACE_PARAMETERS = real_bound
+    plan_tracer.REAL_TRACE_PARAMETERS = real_bound
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         model, _ = load_or_fit(config, vocab, input_size, StepOptions(), 300, 60, holdout=2, cache=Path(cache))
@@ -40,7 +40,7 @@ SHAPES = [(1, 64, 16), (1, 256, 32), (1, 768, 64), (1, 1536, 128), (4, 128, 32),
 
 def real_or_fake(models) -> None:
     """Each shape traced both ways, against the kind the plan's tracer picks."""
-    from paratune.memory.trace import PlanTracer
+    from paratune.memory.plan_tracer import PlanTracer
     print("real or fake, by shape (seconds for a probe of two micro-batches; pick: the rule's, * where slower):")
     picked = best = 0.0
     for name, (config, vocab, size) in models.items():
@@ -65,7 +65,7 @@ def real_or_fake(models) -> None:
 
 
 def main() -> None:
-    bound = trace.REAL_TRACE_PARAMETERS
+    bound = plan_tracer.REAL_TRACE_PARAMETERS
     demo = read_model_dir(Path(paratune.__file__).parent / "assets" / "demo_model")
     (small_name, (small, small_vocab)), _ = configs().items()
     cases = {"demo model": (demo.config, demo.vocab_size, demo.input_size), small_name: (small, small_vocab, 560)}

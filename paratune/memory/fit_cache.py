@@ -10,7 +10,8 @@ from pathlib import Path
 from paratune.data.hotwords import HotwordSampling
 from paratune.io import atomic_write_text
 from paratune.memory.estimate import MemoryModel, fit
-from paratune.memory.trace import PlanTracer, StepOptions, fit_key
+from paratune.memory.plan_tracer import PlanTracer
+from paratune.memory.trace import StepOptions, fit_key
 from paratune.train.step import checkpoint_text
 
 

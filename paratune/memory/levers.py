@@ -19,7 +19,8 @@ from pathlib import Path
 
 from paratune.io import atomic_write_text
 from paratune.memory.fit_cache import cache_dir
-from paratune.memory.trace import PlanTracer, fit_key
+from paratune.memory.plan_tracer import PlanTracer
+from paratune.memory.trace import fit_key
 from paratune.memory.tracker import FIRST, LATER, TAIL
 from paratune.train.step import ALL, StepOptions, checkpoint_counts
 
