@@ -15,8 +15,8 @@ from paratune.train.step import StepOptions
 # x B x T^2: a few hundred MiB), may be traced on real tensors by the plan (`PlanTracer`): the same step and
 # tracker, the same bytes. It is, where that is the faster trace: a real one's time grows with the shape, a
 # fake one's with the model's blocks only. One thread, two micro-batches (benchmarks/plan_trace.py, the
-# demo, FSDD and small models, 0.3-0.9 M parameters: the rule picks the faster kind at 49 of 54 shapes,
-# the others within 17 % of each other), in seconds:
+# demo, FSDD and small models, 0.3-0.9 M parameters: the rule picked the faster kind at 49 of 54 shapes,
+# the other picks within 23 % of it), in seconds:
 #   real: 0.15 + 0.3 ns per frame and parameter + 61 ns per attention score;  fake: 0.18 per block - 0.37
 REAL_TRACE_PARAMETERS = 2_000_000
 REAL_TRACE_SCORES = 2 ** 26
