@@ -97,6 +97,19 @@ def test_a_medium_step_with_one_lever_is_traced_fake_as_it_runs(large, lever):
     assert (fake.peak, fake.stages) == (real.peak, real.stages)
 
 
+def test_host_state_is_not_counted_as_device_memory(large):
+    """Host-memory AdamW keeps an fp32 copy of the weights, their gradients and both moments on the host: on
+    a GPU none of it is device memory. On a CPU the tracker is told which tensors those are (`host_tensors`):
+    an offloaded step's peak is fp32 AdamW's less its state, and nothing of the host update is counted. (The
+    fits against real steps cannot see this: both sides are counted by the same tracker.)"""
+    config, vocab = sized(large, "small")
+    shape = (2, 60, 10)
+    plain = StepTracer(config, vocab, INPUT, StepOptions(), fake=False).trace(*shape)
+    host = StepTracer(config, vocab, INPUT, StepOptions(optimizer="adamw_offload"), fake=False).trace(*shape)
+    assert "optimizer state" not in host.breakdown
+    assert host.peak == plain.peak - plain.breakdown["optimizer state"]
+
+
 def expected_8bit_state(model: torch.nn.Module) -> int:
     """bitsandbytes' AdamW8bit: both moments in uint8 with one fp32 scale per block of 256 elements, and
     one pair of 256-entry fp32 quantization maps shared by every tensor; tensors under 4,096 elements
