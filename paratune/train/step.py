@@ -270,7 +270,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip
 
 def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device, agreement, on_oom):
     """Forward and backward of each micro-batch in turn; the index of the first that ran out of memory
-    on any rank (all ranks agree), or None, and the stats."""
+    on any rank (all ranks agree), or None; whether it was this rank's own OOM; and the stats."""
     stats = []
     for i, m in enumerate(plan):
         error = None
@@ -284,8 +284,8 @@ def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device,
             if on_oom:  # under DDP a rank learns of another's OOM only here
                 on_oom(error or distributed.PeerOutOfMemory("another rank ran out of memory; dropping this "
                                                             "micro-batch with it"), len(m.batch["speech_lengths"]))
-            return i, stats
-    return None, stats
+            return i, isinstance(error, torch.OutOfMemoryError), stats
+    return None, False, stats
 
 
 def placeholder(batch: dict) -> dict:
@@ -298,13 +298,18 @@ def placeholder(batch: dict) -> dict:
     return _hotwords(part, batch, [[-1]])
 
 
-def _split(plan: list[Micro], failed: int, weight_of, result: StepResult) -> None:
-    """Replace the failed micro-batch by its halves, or quarantine it if it is one utterance."""
+def _split(plan: list[Micro], failed: int, weight_of, result: StepResult, own: bool = True) -> None:
+    """Replace the failed micro-batch by its halves; one utterance: quarantine it if the OOM was this rank's
+    (`own`), else run it again, alone. Either way two micro-batches take its place, as a split's halves do
+    on the other ranks (placeholders where there is nothing to train)."""
     m = plan.pop(failed)
     n = len(m.batch["speech_lengths"])
     if n <= 1:
-        result.quarantined += keys_of(m.batch)
-        plan[failed:failed] = [Micro(placeholder(m.batch), 0.0), Micro(placeholder(m.batch), 0.0)]
+        if own:
+            result.quarantined += keys_of(m.batch)
+            plan[failed:failed] = [Micro(placeholder(m.batch), 0.0), Micro(placeholder(m.batch), 0.0)]
+        else:  # a peer's OOM: this utterance is healthy
+            plan[failed:failed] = [m, Micro(placeholder(m.batch), 0.0)]
         return
     result.splits += 1
     halves = [take(m.batch, slice(0, n // 2)), take(m.batch, slice(n // 2, n))]
@@ -327,7 +332,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, grad_c
     result = StepResult()
     optimizer.zero_grad(set_to_none=True)
     while True:
-        failed, stats = _run_micro_batches(model, plan, autocast_dtype, scaler, device, agreement, on_oom)
+        failed, own, stats = _run_micro_batches(model, plan, autocast_dtype, scaler, device, agreement, on_oom)
         if failed is None:
             break
         del stats  # drop everything the failed attempt holds, and the step's partial gradients
@@ -336,7 +341,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, grad_c
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        _split(plan, failed, weight_of, result)
+        _split(plan, failed, weight_of, result, own)
     result.stats = stats
     result.trained = [k for m in plan for k in keys_of(m.batch)]
     result.shapes = [shape_of(m.batch) for m in plan if keys_of(m.batch)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from paratune.model.build import build_paraformer
+from paratune.train import distributed
 from paratune.train.guard import InjectOOM
 from paratune.train.step import Micro, make_optimizer, take, train_step
 from tests.data.digits import digit_config
@@ -81,6 +82,40 @@ def test_one_utterance_that_never_fits_is_quarantined():
     result = train_step(model, make_optimizer(model), [Micro(batch, 1.0)])
     assert result.quarantined == [f"u{too_long}"]
     assert sorted(result.trained + result.quarantined) == sorted(batch["keys"])
+
+
+class PeerRanOutOnce(distributed.Local):
+    """The agreement of a rank whose peer ran out of memory in the step's first micro-batch (issue 25: the
+    peer's flag arrives through the all-reduce; this rank's own micro-batch was fine)."""
+
+    def __init__(self):
+        self.told = False
+
+    def failed(self, oom: bool) -> bool:
+        told, self.told = self.told, True
+        return oom or not told
+
+
+def test_a_peers_out_of_memory_on_one_utterance_leaves_this_ranks_utterance_trained():
+    """Only the rank whose OOM it was quarantines its utterance: this one trains its own, alone, beside the
+    placeholder that keeps it in step with the peer's two (the peer runs two placeholders), with the
+    gradient of a step of that utterance."""
+    model = _deterministic_model()
+    batch = _batch(1)
+    reference = copy.deepcopy(model)
+    opt = make_optimizer(reference, lr=0.0)
+    expected = _grads(reference, opt)
+    train_step(reference, opt, [Micro(batch, 1.0)])
+
+    opt = make_optimizer(model, lr=0.0)
+    got = _grads(model, opt)
+    forwards = []
+    model.encoder.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
+    result = train_step(model, opt, [Micro(batch, 1.0)], agreement=PeerRanOutOnce())
+    assert not result.quarantined and result.trained == ["u0"]
+    assert len(forwards) == 3  # the dropped attempt, then the utterance and a placeholder: the peer's count
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=1e-5), name
 
 
 def test_take_trims_padding():
