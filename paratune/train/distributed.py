@@ -73,6 +73,9 @@ def setup(device_arg: str | None = None) -> World:
     cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
     if size < 2:
         device = torch.device(device_arg) if device_arg else torch.device("cuda" if cuda else "cpu")
+        if device.type == "cuda" and cuda:  # the current device: what pinned memory and synchronize use
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+            torch.cuda.set_device(device)
         return World(1, 0, device)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")

@@ -48,6 +48,21 @@ def test_cuda_group_serves_cpu_tensors(monkeypatch):
     assert calls["alloc"] == "max_split_size_mb:128"  # the user's own value is kept
 
 
+def test_one_process_on_a_named_gpu_makes_it_the_current_device(monkeypatch):
+    """`--device cuda:1` without torchrun: pinned memory, bitsandbytes' synchronize and the loader's pin thread
+    use the current device, so it must be the one named, or they open a second context on GPU 0 (issue 25)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert distributed.setup("cuda:1").device == torch.device("cuda:1") and calls == [torch.device("cuda:1")]
+    assert distributed.setup("cuda").device == torch.device("cuda:0") and calls[-1] == torch.device("cuda:0")
+    assert distributed.setup(None).device == torch.device("cuda:0") and len(calls) == 3
+    assert distributed.setup("cpu").device == torch.device("cpu") and len(calls) == 3
+
+
 # -- two real gloo processes: the children report through a queue, and every wait has a deadline
 def _child(fn, rank, init, results):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
