@@ -32,7 +32,7 @@ from paratune.train import checkpoint, distributed, run_folder
 from paratune.train.config import apply_flags, load_config
 from paratune.train.guard import InjectOOM
 from paratune.train.ledger import Ledger
-from paratune.train.lora import merge_lora
+from paratune.train.lora import merge_lora, unsharded
 from paratune.train.monitor import MemoryMonitor
 from paratune.train.progress import Progress
 from paratune.train.schedule import WarmupLR
@@ -372,9 +372,10 @@ class Finetune:
         if not self.lead:
             return 0
         model, tc = self.model, self.tc
-        if self.opts.fsdp:  # a plain model with the gathered weights, for averaging and export
-            model = self.spec.build()
-            model.load_state_dict(self.final_state)
+        if self.opts.fsdp:  # a plain model with the gathered weights (and adapters), for averaging and export
+            options = self.run_plan.options
+            model = unsharded(self.spec.build, self.final_state, options.lora_r, self.config["lora"]["alpha"],
+                              options.lora_dropout, options.lora_targets)
         if self.best and int(tc["avg_nbest_model"]) > 0:
             chosen = [self.out / name for _, name in self.best[:int(tc["avg_nbest_model"])]]
             model.load_state_dict(checkpoint.average(chosen))

@@ -37,3 +37,15 @@ def add_lora(model: nn.Module, r: int, alpha: float = 16.0, dropout: float = 0.0
 def merge_lora(model: nn.Module) -> nn.Module:
     """The plain model with the adapters folded into its weights (a no-op without adapters)."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def unsharded(build, state: dict, r: int = 0, alpha: float = 16.0, dropout: float = 0.05,
+              targets=DEFAULT_TARGETS) -> nn.Module:
+    """A plain model from `build()` holding `state`, the full state dict FSDP gathers of the trained model:
+    with the run's LoRA adapters first where it trained some (rank `r` > 0), whose keys (peft's) the state
+    has; `merge_lora` then folds them in."""
+    model = build()
+    if r:
+        model = add_lora(model, r, alpha, dropout, targets or DEFAULT_TARGETS)
+    model.load_state_dict(state)
+    return model
