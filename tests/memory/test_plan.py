@@ -1,6 +1,7 @@
 """`paratune plan` on the bundled demo model: batches, exclusions, bad input, explain, calibrate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import paratune
 from paratune.cli import main
 from paratune.data.lengths import read_lengths, write_synthetic_manifest
 from paratune.memory import levers
-from paratune.memory.fit_cache import load_or_fit
-from paratune.memory.plan import PlanError, parse_bytes
+from paratune.memory.plan import PlanError, parse_bytes, step_options
 from paratune.memory.trace import StepOptions, StepTracer
 from paratune.modeldir import read_model_dir
+from paratune.train.config import load_config
 
 DEMO = Path(paratune.__file__).parent / "assets" / "demo_model"
 
@@ -109,11 +110,12 @@ def test_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit(capsys, tmp_p
     data.write_text(json.dumps({"key": "long", "source": "x.wav", "source_len": 3000, "target_len": 120}) + "\n")
     spec = read_model_dir(DEMO)
     t, u = -(-(3000 - 2) // 6), 120
-    need = {}
-    for ckpt in (False, True):
-        model, _ = load_or_fit(spec.config, spec.vocab_size, spec.input_size,
-                               StepOptions(checkpointing=ckpt), t, u, holdout=0, cache=fit_cache)
-        need[ckpt] = model.peak(1, t, u)
+    # the long utterance's traced need with no block and every block checkpointed, as the plan's search
+    # traces it (its figures are kept in the cache the plan reads)
+    base, blocks = step_options(load_config(spec.config, None, []), "cpu"), levers.block_counts(spec)
+    search = levers.LeverSearch(spec, None, 1.0, 0, False, cache=fit_cache)
+    need = {ckpt: int(search.need(dataclasses.replace(base, checkpointing=blocks if ckpt else (0, 0)), t, u))
+            for ckpt in (False, True)}
     assert need[True] < need[False]
     budget = (need[True] + need[False]) // 2  # fits only with checkpointing
     code, out, err = _plan(capsys, "--data", data, "--budget", budget, "--json")

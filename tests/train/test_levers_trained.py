@@ -6,14 +6,19 @@ host memory (a plan only: training it needs a GPU)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from paratune.cli import main
+from paratune.data.lengths import read_lengths
+from paratune.memory.levers import LeverSearch, block_counts
+from paratune.memory.plan import UNCALIBRATED_MARGIN, planned_frames, step_options
 from paratune.memory.trace import StepOptions, StepTracer
 from paratune.modeldir import load_model, read_model_dir
+from paratune.train.config import load_config
 from paratune.train.finetune import Finetune, FinetuneOptions
 from tests.train.fsdd import prepare_fsdd
 
@@ -89,19 +94,23 @@ def test_8bit_adamw_is_chosen_when_fp32_state_cannot_fit_and_trained_as_planned(
     assert load_model(exp / "final").model is not None
 
 
-def chosen_need(capsys, train, *levers) -> int:
-    """The predicted need (margin included) of the longest utterance with these forced levers, on a GPU."""
-    code, planned, err = plan(capsys, train, 2 ** 34, *levers, "--explain", device="cuda")
-    assert code == 0, err
-    return next(a["predicted_need_bytes"] for a in planned["levers_weighed"] if a["chosen"])
+def chosen_need(train, optimizer: str) -> float:
+    """The predicted need (margin included) of the longest utterance on a GPU with `optimizer` and every block
+    checkpointed, as the plan's lever search traces it (and keeps in the cache the plan reads)."""
+    spec = read_model_dir(MODEL)
+    config = load_config(spec.config, None, COMMON)
+    lengths, errors = read_lengths([train], spec.tokenizer, spec.frontend.lfr_n)
+    assert not errors
+    options = dataclasses.replace(step_options(config, "cuda"), optimizer=optimizer, checkpointing=block_counts(spec))
+    search = LeverSearch(spec, None, 1 + UNCALIBRATED_MARGIN["cuda"], 2 ** 34, False)
+    return search.need(options, int(planned_frames(lengths, config).max()), int(lengths.tokens.max()))
 
 
 @pytest.mark.slow
 def test_state_in_host_memory_is_chosen_on_a_gpu_when_8bit_state_cannot_fit(capsys, train, tmp_path, monkeypatch):
-    eight = chosen_need(capsys, train, "--optimizer-state", "8bit", "--checkpointing", "on")
-    host = chosen_need(capsys, train, "--optimizer-state", "offload", "--checkpointing", "on")
+    eight, host = chosen_need(train, "adamw8bit"), chosen_need(train, "adamw_offload")
     assert host < eight
-    budget = (host + eight) // 2  # 8-bit state does not fit even with every block checkpointed
+    budget = int(host + eight) // 2  # 8-bit state does not fit even with every block checkpointed
 
     code, planned, err = plan(capsys, train, budget, "--explain", device="cuda")
     assert code == 0, err
