@@ -45,15 +45,26 @@ def _grads(model, optimizer):
     return seen
 
 
-@pytest.mark.parametrize("oom_steps", [[1], [1, 2]], ids=["forward", "forward-then-backward"])
-def test_split_step_has_the_unsplit_gradient(oom_steps):
-    model = _deterministic_model()
-    batch = _batch()
+def _reference_grads(model, batch) -> dict:
+    """The gradients a plain step of `batch` steps with, on a copy of `model`."""
     reference = copy.deepcopy(model)
     opt = make_optimizer(reference, lr=0.0)
     expected = _grads(reference, opt)
     train_step(reference, opt, [Micro(batch, 1.0)])
+    return expected
 
+
+def _assert_same_grads(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("oom_steps", [[1], [1, 2]], ids=["forward", "forward-then-backward"])
+def test_split_step_has_the_unsplit_gradient(oom_steps):
+    model = _deterministic_model()
+    batch = _batch()
+    expected = _reference_grads(model, batch)
     opt = make_optimizer(model, lr=0.0)
     got = _grads(model, opt)
     inject = InjectOOM(model, oom_steps)
@@ -63,9 +74,7 @@ def test_split_step_has_the_unsplit_gradient(oom_steps):
         result = train_step(model, opt, [Micro(batch, 1.0)], on_oom=lambda e, n: seen.append(str(e)))
         assert result.splits == 1 and sorted(result.trained) == sorted(batch["keys"]) and not result.quarantined
         assert [s[0] for s in result.shapes] == [3, 3]
-        assert got.keys() == expected.keys()
-        for name in expected:
-            assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=1e-5), name
+        _assert_same_grads(got, expected)
     assert "in forward" in seen[0] and (len(seen) < 2 or "in backward" in seen[1])
     assert all(isinstance(e, str) and "injected out of memory" in e for e in seen)
 
@@ -102,11 +111,7 @@ def test_a_peers_out_of_memory_on_one_utterance_leaves_this_ranks_utterance_trai
     gradient of a step of that utterance."""
     model = _deterministic_model()
     batch = _batch(1)
-    reference = copy.deepcopy(model)
-    opt = make_optimizer(reference, lr=0.0)
-    expected = _grads(reference, opt)
-    train_step(reference, opt, [Micro(batch, 1.0)])
-
+    expected = _reference_grads(model, batch)
     opt = make_optimizer(model, lr=0.0)
     got = _grads(model, opt)
     forwards = []
@@ -114,8 +119,7 @@ def test_a_peers_out_of_memory_on_one_utterance_leaves_this_ranks_utterance_trai
     result = train_step(model, opt, [Micro(batch, 1.0)], agreement=PeerRanOutOnce())
     assert not result.quarantined and result.trained == ["u0"]
     assert len(forwards) == 3  # the dropped attempt, then the utterance and a placeholder: the peer's count
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=1e-5), name
+    _assert_same_grads(got, expected)
 
 
 def test_take_trims_padding():
