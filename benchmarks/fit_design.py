@@ -19,7 +19,6 @@ tokens, and of the bound (the most the sampler can draw).
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -35,9 +34,9 @@ if str(ROOT) not in sys.path:
 from tests.model.reference import load_config, medium_config, resized_config, small_config  # noqa: E402
 
 from paratune.memory import estimate  # noqa: E402
-from paratune.memory.estimate import first_probe, probe_shapes, random_shapes  # noqa: E402
+from paratune.memory.estimate import first_probe, probe_batch, probe_shapes, random_shapes  # noqa: E402
 from paratune.memory.trace import StepOptions, StepTracer, hotword_shape  # noqa: E402
-from paratune.memory.tracker import FIRST, LATER, TAIL  # noqa: E402
+from paratune.memory.tracker import LATER, TAIL  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 MAX_FRAMES, MAX_TOKENS = 200, 40
@@ -54,11 +53,9 @@ def design() -> None:
             start = time.perf_counter()
             tracer = StepTracer(config, vocab, 560, options)
             resident = tracer.resident()
-            static_forward = resident["parameters"] + resident["buffers"] + resident["optimizer_state"]
             first = first_probe(MAX_FRAMES, MAX_TOKENS)
             one = tracer.trace(*first)
-            batch = int(min(4096, max(1, math.ceil(2 * (static_forward + resident["gradients"])
-                                                   / max(1, one.part_peak((FIRST,)) - static_forward)))))
+            batch = probe_batch(resident, one)
             dense = probe_shapes(MAX_FRAMES, MAX_TOKENS, batch, dense=True)
             unseen = random_shapes(12, 2 * batch, MAX_FRAMES, MAX_TOKENS, seed=5) + \
                 random_shapes(10, 8, MAX_FRAMES, MAX_TOKENS, seed=21)

@@ -270,15 +270,11 @@ def fit(tracer: StepTracer, max_frames: int, max_tokens: int, holdout: int = 0, 
     denser design is traced and fitted, and the same shapes are checked again."""
     max_tokens = max(1, min(max_tokens, max_frames))
     resident = tracer.resident()
-    static_forward = resident["parameters"] + resident["buffers"] + resident["optimizer_state"]
-    static_step = static_forward + resident["gradients"]
     sampling = tracer.hotwords  # SeACo: shapes are (B, T, U, N, L)
 
-    # a probe batch size whose activations outweigh the resident bytes, so the fit sees activations clearly
     first = first_probe(max_frames, max_tokens, sampling)
     traced = {first: tracer.trace(*first)}
-    per_utterance = max(1, traced[first].part_peak((FIRST,)) - static_forward)
-    batch = int(min(4096, max(1, math.ceil(2 * static_step / per_utterance))))
+    batch = probe_batch(resident, traced[first])
 
     def fitted(dense: bool) -> MemoryModel:
         shapes = probe_shapes(max_frames, max_tokens, batch, dense)
@@ -292,7 +288,7 @@ def fit(tracer: StepTracer, max_frames: int, max_tokens: int, holdout: int = 0, 
 
     model = fitted(dense=False)
     held = random_shapes(holdout, 2 * batch, max_frames, max_tokens, seed)
-    held_traces = tracer.trace_many(held) if held else []
+    held_traces = tracer.trace_many(held)
     model.holdout = _held_out(model, held, held_traces)
     if held and model.worst_holdout_error > REFINE_ERROR:
         model = fitted(dense=True)
@@ -300,11 +296,24 @@ def fit(tracer: StepTracer, max_frames: int, max_tokens: int, holdout: int = 0, 
     return model
 
 
+def static_forward_bytes(resident: dict) -> int:
+    """What is resident when a step starts: parameters, buffers, optimizer state (`StepTracer.resident`)."""
+    return resident["parameters"] + resident["buffers"] + resident["optimizer_state"]
+
+
+def probe_batch(resident: dict, first) -> int:
+    """The probes' batch size: one whose activations outweigh the resident bytes twice, so that the fit
+    sees activations clearly, from the first probe's trace (one utterance, `first_probe`)."""
+    static_forward = static_forward_bytes(resident)
+    per_utterance = max(1, first.part_peak((FIRST,)) - static_forward)
+    return int(min(4096, max(1, math.ceil(2 * (static_forward + resident["gradients"]) / per_utterance))))
+
+
 def _fitted(tracer: StepTracer, resident: dict, shapes: list, traces: list, scale: tuple[int, int, int], seed: int,
             key: str) -> MemoryModel:
     """The memory model of these probes' traces: each stage's coefficients, and which stages can set a peak
     at a shape up to twice the probe batch and the range (`scale`: probe batch, frames, tokens)."""
-    static_forward = resident["parameters"] + resident["buffers"] + resident["optimizer_state"]
+    static_forward = static_forward_bytes(resident)
     sampling = tracer.hotwords
     batch, max_frames, max_tokens = scale
     stages, table = _stage_table(traces)

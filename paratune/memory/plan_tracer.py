@@ -37,12 +37,13 @@ class PlanTracer:
         self.hotwords = hotword_bound(config, hotwords)
         self._fake: StepTracer | None = None
         self.real: StepTracer | None = None
-        with torch.device("meta"):
-            model = build_paraformer(config, vocab, input_size)
-        self._parameters = sum(p.numel() for p in model.parameters())
-        self._blocks = sum(len(stack) for stack in model.block_stacks().values())
-        if options.device == "cpu" and self._parameters <= REAL_TRACE_PARAMETERS:
-            self.real = StepTracer(config, vocab, input_size, options, fake=False, hotwords=hotwords)
+        if options.device == "cpu":  # a GPU step is traced fake: no real tracer, no sizes to weigh it by
+            with torch.device("meta"):
+                model = build_paraformer(config, vocab, input_size)
+            self._parameters = sum(p.numel() for p in model.parameters())
+            self._blocks = sum(len(stack) for stack in model.block_stacks().values())
+            if self._parameters <= REAL_TRACE_PARAMETERS:
+                self.real = StepTracer(config, vocab, input_size, options, fake=False, hotwords=hotwords)
         conf = config.get("encoder_conf") or {}
         self._scores = int(conf.get("attention_heads", 4)) * int(conf.get("num_blocks", 1) + conf.get("tp_blocks", 0))
 
@@ -60,11 +61,13 @@ class PlanTracer:
         return self._fake
 
     def _for(self, batch: int, frames: int) -> StepTracer:
+        if self.real is None:
+            return self.fake
         scores = self._scores * batch * frames * frames
         fixed, per_frame, per_score = REAL_SECONDS
         real_s = fixed + per_frame * batch * frames * self._parameters + per_score * scores
         cheap = scores <= REAL_TRACE_SCORES and real_s <= FAKE_SECONDS[0] + FAKE_SECONDS[1] * self._blocks
-        return self.real if self.real is not None and cheap else self.fake
+        return self.real if cheap else self.fake
 
     def trace(self, batch: int, frames: int, tokens: int, *words: int) -> Traced:
         return self._for(batch, frames).trace(batch, frames, tokens, *words)

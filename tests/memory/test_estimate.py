@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from paratune.memory import estimate
 from paratune.memory.estimate import MemoryModel, fit, random_shapes
