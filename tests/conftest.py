@@ -60,10 +60,13 @@ def funasr():
 def pytest_configure(config):
     """Under pytest-xdist (`python3 dev.py test` runs one worker per core) each worker and every process a
     test starts computes on one thread: two processes of two OpenMP threads each on two cores spin
-    against each other, a small training loop ran 12 times slower than alone."""
+    against each other, a small training loop ran 12 times slower than alone. For the same reason a
+    fit traces its shapes in its own process, not in a pool of one process per core (the memory tests
+    took 411 s instead of 356 s on two workers); test_estimate checks the pools with workers=2."""
     import torch
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ.setdefault("PARATUNE_TRACE_WORKERS", "1")
         torch.set_num_threads(1)
     config.stash[_THREADS] = torch.get_num_threads()
 

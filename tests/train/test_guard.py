@@ -14,11 +14,7 @@ from tests.data.digits import digit_config
 
 
 def _deterministic_model():
-    config = digit_config(d=32, enc_blocks=2, dec_blocks=1)
-    for section in ("encoder_conf", "decoder_conf"):
-        for k in list(config[section]):
-            if k.endswith("dropout_rate"):
-                config[section][k] = 0.0
+    config = digit_config(d=32, enc_blocks=2, dec_blocks=1)  # no dropout
     config["model_conf"]["sampling_ratio"] = 0.0  # the glancing sampler draws random positions
     torch.manual_seed(0)
     return build_paraformer(config, 14, 560).train()
