@@ -22,6 +22,7 @@ allocation, after the sync point (then the process group's timeout ends the run)
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
@@ -194,6 +195,10 @@ class Local:
     def reset(self, model) -> None:
         """Called on every rank after a dropped micro-batch."""
 
+    def micro_batch(self):
+        """The span of one micro-batch's forward and backward in a training step."""
+        return contextlib.nullcontext()
+
 
 class Ranks(Local):
     """DDP: the OOM flag all-reduced after every micro-batch."""
@@ -215,6 +220,17 @@ class OOMSync(Ranks):
     def __init__(self):
         self.group = dist.new_group(backend="gloo")  # a CPU flag, never interleaved with NCCL work
         self.handles, self.callback_queued = [], False
+        self.stepping = False
+
+    @contextlib.contextmanager
+    def micro_batch(self):
+        """Sync points run while a training step's micro-batch does, whatever the grad mode: the glancing
+        pass all-gathers every decoder block under no_grad. Validation and decoding run none."""
+        self.stepping = True
+        try:
+            yield
+        finally:
+            self.stepping = False
 
     def _sync(self, flag: bool) -> bool:
         return any_rank(flag, self.group)
@@ -247,7 +263,7 @@ class OOMSync(Ranks):
         over its inputs, applied after FSDP's, so its backward runs first)."""
         for name, m in units:
             def pre_forward(module, args, kwargs, name=name):
-                if torch.is_grad_enabled():  # validation and decoding run no guard
+                if self.stepping:
                     self.check(f"forward of {name}")
 
             def wrap_inputs(module, args, kwargs, name=name):

@@ -275,7 +275,8 @@ def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device,
     for i, m in enumerate(plan):
         error = None
         try:
-            stats.append(backward_batch(model, m.batch, m.scale, autocast_dtype, scaler, device))
+            with agreement.micro_batch():
+                stats.append(backward_batch(model, m.batch, m.scale, autocast_dtype, scaler, device))
         except (torch.OutOfMemoryError, *agreement.peer_error) as e:
             if isinstance(e, torch.OutOfMemoryError):
                 agreement.signal()  # first: other ranks may be waiting at a sync point
