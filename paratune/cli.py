@@ -270,6 +270,7 @@ def _finetune(args) -> int:
     from paratune.train.distributed import DistributedError
     from paratune.train.finetune import FinetuneOptions, finetune
     from paratune.train.ledger import LedgerError
+    from paratune.train.oom import OutOfMemoryStop
     from paratune.train.run_folder import RunFolderError
 
     try:
@@ -288,7 +289,7 @@ def _finetune(args) -> int:
             raise ConfigError("--train: no manifest given")
         return finetune(options)
     except (ConfigError, ModelDirError, PlanError, PrepareError, DistributedError, ValueError, CheckpointError,
-            LedgerError, RunFolderError) as e:
+            LedgerError, RunFolderError, OutOfMemoryStop) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except RuntimeError as e:  # a collective whose peer died (gloo and NCCL say so in a RuntimeError)

@@ -153,7 +153,8 @@ def _finetune(sub, run) -> None:
     p.add_argument("--train", required=True, type=Path, nargs="+", help="jsonl manifest(s)")
     p.add_argument("--valid", type=Path, nargs="+", help="jsonl manifest(s) for validation each epoch")
     p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--budget", help="memory per device (default: the GPU's memory; 8GiB of tensors on CPU)")
+    p.add_argument("--budget", help="memory per device (default: what is free on the GPU once its CUDA context "
+                   "exists, less 1 GiB + 5 %% for workspaces and NCCL buffers; 8GiB of tensors on CPU)")
     _config_flags(p)
     p.add_argument("--device", default=None)
     p.add_argument("--from-scratch", action="store_true", help="random weights (the directory needs no model.pt)")

@@ -12,13 +12,14 @@ from paratune.train.schema import SCHEMA
 DEFAULTS = {
     "train_conf": {"max_epoch": 10, "accum_grad": 1, "grad_clip": 5.0, "keep_nbest_models": 5,
                    "avg_nbest_model": 3, "log_interval": 50, "save_checkpoint_interval": 500,
-                   "validate_interval": 0, "seed": 0},
+                   "validate_interval": 0, "seed": 0, "collective_timeout_s": 1800},
     "optim_conf": {"lr": 0.0002, "weight_decay": 0.0, "optimizer": "adamw"},  # adamw | sgd
     "scheduler_conf": {"warmup_steps": 1000},
     "dataset_conf": {"buffer_size": 20000, "buckets": None, "num_workers": 2, "costliest_first": True,
                      "specaug": True, "max_batch": None, "speed_perturb": None, "gain_db": 0.0, "noise_snr_db": None, "tilt": 0.0,
                      "hotword_min_length": 2, "hotword_max_length": 8, "hotword_sample_rate": 0.75,
                      "hotword_double_rate": 0.1},  # SeACo only: FunASR's hotword sampling
+    # collective_timeout_s: how long a rank waits in any collective (a dead or stuck peer) before it stops;
     # fit_timeout_s: how long other ranks wait for rank 0's memory fit before they give up
     "memory": {"precision": "fp32", "checkpointing": "auto", "optimizer_state": "auto", "margin": None,
                "cpu_track_every": 10, "fit_timeout_s": 1800},

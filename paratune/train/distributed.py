@@ -17,8 +17,8 @@ Under FSDP every block all-gathers in forward and reduce-scatters in backward: a
 its forward early would leave the others waiting in the next block's collective. There a sync point
 (a flag all-reduce on its own gloo group) stands before every FSDP collective (`OOMSync`); the rank
 that ran out of memory sends 1 from its except handler, which meets the others at their next sync
-point, and they unwind too. Not covered: an OOM inside FSDP's own all-gather or reduce-scatter buffer
-allocation, after the sync point (then the process group's timeout ends the run).
+point, and they unwind too. An OOM inside FSDP's own all-gather or reduce-scatter buffers, after the
+sync point, stops the run instead (`paratune.train.oom`): the peers are already in that collective.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class World:
     size: int = 1
     rank: int = 0
     device: torch.device = torch.device("cpu")
+    timeout_s: float = 1800.0  # of every collective
 
     @property
     def lead(self) -> bool:
@@ -64,8 +65,11 @@ def set_alloc_conf() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
 
 
-def setup(device_arg: str | None = None) -> World:
+def setup(device_arg: str | None = None, timeout_s: float = 1800.0) -> World:
     """The world torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), its group joined, the device chosen.
+    Every collective of the group gives up after `timeout_s` (and of the groups made later, which are
+    given `World.timeout_s`: torch gives a new group its own 30-minute default), so that a dead or stuck
+    peer ends the run instead of holding it.
 
     PYTORCH_CUDA_ALLOC_CONF is set before anything touches CUDA (set_device initialises it), on every
     path: one process or many, torchrun or not; a value the user set is kept."""
@@ -82,8 +86,8 @@ def setup(device_arg: str | None = None) -> World:
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device))
-    return World(dist.get_world_size(), dist.get_rank(), device)
+    dist.init_process_group(backend_for(device), timeout=datetime.timedelta(seconds=timeout_s))
+    return World(dist.get_world_size(), dist.get_rank(), device, timeout_s)
 
 
 def active() -> bool:
@@ -217,8 +221,9 @@ class OOMSync(Ranks):
 
     peer_error = (PeerOutOfMemory,)
 
-    def __init__(self):
-        self.group = dist.new_group(backend="gloo")  # a CPU flag, never interleaved with NCCL work
+    def __init__(self, timeout_s: float = 1800.0):
+        # a CPU flag, never interleaved with NCCL work
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self.handles, self.callback_queued = [], False
         self.stepping = False
 
@@ -316,9 +321,9 @@ class _SyncInBackward(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def shard(model: torch.nn.Module) -> tuple[torch.nn.Module, OOMSync]:
+def shard(model: torch.nn.Module, timeout_s: float = 1800.0) -> tuple[torch.nn.Module, OOMSync]:
     """FSDP2 over the ranks: every block (encoder, decoder, SeACo's seaco decoder), then the model; with its
-    OOM sync points."""
+    OOM sync points (on a group whose collectives give up after `timeout_s`)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     blocks = [(f"{stack.replace('_', ' ')} block {i}", b) for stack, layers in model.block_stacks().items()
               for i, b in enumerate(layers)]
@@ -326,6 +331,6 @@ def shard(model: torch.nn.Module) -> tuple[torch.nn.Module, OOMSync]:
         fully_shard(layer)
     fully_shard(model)
     register_fsdp_forward_method(model, "decode")  # validation decodes: gather the root's weights too
-    sync = OOMSync()
+    sync = OOMSync(timeout_s)
     sync.install(blocks + [("the model", model)])
     return model, sync

@@ -34,6 +34,7 @@ from paratune.train.guard import InjectOOM
 from paratune.train.ledger import Ledger
 from paratune.train.lora import merge_lora, unsharded
 from paratune.train.monitor import MemoryMonitor
+from paratune.train.oom import default_budget
 from paratune.train.progress import Progress
 from paratune.train.schedule import WarmupLR
 from paratune.train.step import PRECISIONS, Micro, checkpoint_text, prepare_model, train_step
@@ -98,13 +99,14 @@ class Finetune:
     # -- set-up
     def setup(self) -> None:
         o = self.opts
-        self.world = distributed.setup(o.device)
-        self.lead = self.world.lead
-        self.out = Path(o.output)
-        # the configuration (checked), then the folder, before anything is loaded or fitted and before a
-        # bad value could leave a folder behind or --overwrite empty one
+        # the configuration (checked; it has the collectives' timeout), then the group, then the folder,
+        # before anything is loaded or fitted and before a bad value could leave a folder behind or
+        # --overwrite empty one
         self.spec = read_model_dir(o.model)
         self.config = apply_flags(load_config(self.spec.config, o.config, o.overrides), o.flags)
+        self.world = distributed.setup(o.device, float(self.config["train_conf"]["collective_timeout_s"]))
+        self.lead = self.world.lead
+        self.out = Path(o.output)
         hotword_sampling(self.config["dataset_conf"], None)  # min > max hotword length refused here too
         self.state = run_folder.open_folder(self.out, o.resume, o.overwrite, o.valid, self.log)
         run_folder.prepare(self.out, self.state, o.overwrite, self.lead, self.world.rank, self.log)
@@ -148,8 +150,11 @@ class Finetune:
 
     def _plan(self) -> None:
         dev = self.world.device
-        self.budget = self.opts.budget or (torch.cuda.get_device_properties(dev).total_memory
-                                           if dev.type == "cuda" else 8 * 2**30)
+        if self.opts.budget:
+            self.budget = self.opts.budget
+        else:
+            self.budget, why = default_budget(dev, distributed.gather_objects)
+            self.log(f"budget (no --budget given) {why}")
         spec, timeout = self.spec, float(self.mc["fit_timeout_s"])
 
         def fit(options, max_frames, max_tokens):  # rank 0 fits (or reads the cache); every rank gets it
@@ -171,7 +176,7 @@ class Finetune:
             if not self.opts.fsdp:
                 self.agreement = distributed.agreement()
                 return model
-            model, self.agreement = distributed.shard(model)
+            model, self.agreement = distributed.shard(model, self.world.timeout_s)
             return model
 
         ready = prepare_model(self.asr.model, options, self.world.device, wrap,

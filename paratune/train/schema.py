@@ -122,7 +122,8 @@ SCHEMA = {
                    "grad_clip": Num(lo=0, null=True),  # 0 or null: no clipping
                    "keep_nbest_models": Num(True, 1), "avg_nbest_model": Num(True, 0),
                    "log_interval": Num(True, 1), "save_checkpoint_interval": Num(True, 0),
-                   "validate_interval": Num(True, 0), "seed": Num(True, 0)},  # numpy seeds are >= 0
+                   "validate_interval": Num(True, 0), "seed": Num(True, 0),  # numpy seeds are >= 0
+                   "collective_timeout_s": POSITIVE},
     "optim_conf": {"lr": POSITIVE, "weight_decay": Num(lo=0), "optimizer": Choice(("adamw", "sgd"))},
     "scheduler_conf": {"warmup_steps": Num(True, 0)},
     "dataset_conf": {"buffer_size": Num(True, 1),

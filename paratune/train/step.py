@@ -5,7 +5,8 @@ A step is a list of micro-batches (gradient accumulation), each with its share o
 Each micro-batch's tensors go to the device only when it runs. When one runs out of memory, all of the
 step's gradients are dropped (they may hold part of its backward), it is replaced by its two halves
 (each scaled by its share of the loss weight, so the sum is the same gradient) and the step starts
-again. A single utterance that still does not fit is quarantined: reported, never lost silently.
+again. A single utterance that still does not fit is quarantined: reported, never lost silently. What
+counts as out of memory, and where a split cannot help (the run stops), is `paratune.train.oom`.
 Across ranks every rank drops a micro-batch that any rank ran out of memory in, so all split together
 (`paratune.train.distributed`: a flag after each micro-batch under DDP, sync points inside forward and
 backward under FSDP); then the gradients are averaged over the ranks (DDP; FSDP reduce-scatters them in
@@ -22,7 +23,7 @@ from torch import nn
 
 from paratune.data.hotwords import with_hotwords
 from paratune.data.loader import INPUTS
-from paratune.train import distributed
+from paratune.train import distributed, oom
 
 # adamw8bit: bitsandbytes' blockwise 8-bit state; adamw_offload: the state in host memory (paratune.train.offload)
 OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "adamw_offload")
@@ -277,15 +278,20 @@ def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device,
         try:
             with agreement.micro_batch():
                 stats.append(backward_batch(model, m.batch, m.scale, autocast_dtype, scaler, device))
-        except (torch.OutOfMemoryError, *agreement.peer_error) as e:
-            if isinstance(e, torch.OutOfMemoryError):
+        except Exception as e:
+            own = oom.is_oom(e)
+            if not (own or isinstance(e, agreement.peer_error)):
+                raise
+            if own and oom.in_fsdp_internals(e):  # the peers may be inside the collective it never joined
+                raise oom.stop(e, "FSDP's own all-gather or reduce-scatter buffers") from e
+            if own:
                 agreement.signal()  # first: other ranks may be waiting at a sync point
             error = e
         if agreement.failed(error is not None):
             if on_oom:  # under DDP a rank learns of another's OOM only here
                 on_oom(error or distributed.PeerOutOfMemory("another rank ran out of memory; dropping this "
                                                             "micro-batch with it"), len(m.batch["speech_lengths"]))
-            return i, isinstance(error, torch.OutOfMemoryError), stats
+            return i, error is not None and oom.is_oom(error), stats
     return None, False, stats
 
 
@@ -347,6 +353,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, grad_c
     result.trained = [k for m in plan for k in keys_of(m.batch)]
     result.shapes = [shape_of(m.batch) for m in plan if keys_of(m.batch)]
     if world_size > 1 and not sharded:
-        distributed.all_reduce_gradients(model, world_size, all_reduce=all_reduce)
-    result.grad_norm = optimizer_step(model, optimizer, grad_clip, scaler)
+        with oom.stops("the gradient all-reduce"):
+            distributed.all_reduce_gradients(model, world_size, all_reduce=all_reduce)
+    with oom.stops("the optimizer step (clipping, the update, AdamW's state at the first step)"):
+        result.grad_norm = optimizer_step(model, optimizer, grad_clip, scaler)
     return result

@@ -2,6 +2,7 @@
 under torchrun: no hang, no utterance lost, the same weights as a run without it."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import queue
@@ -32,7 +33,8 @@ def test_cuda_group_serves_cpu_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device",
                         lambda d: calls.update(device=d, alloc=os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
-    monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **kw: calls.update(backend=backend))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend=None, **kw: calls.update(backend=backend, timeout=kw.get("timeout")))
     monkeypatch.setattr(dist, "get_world_size", lambda *a, **kw: 2)
     monkeypatch.setattr(dist, "get_rank", lambda *a, **kw: 0)
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
@@ -44,6 +46,9 @@ def test_cuda_group_serves_cpu_tensors(monkeypatch):
     assert world.device == torch.device("cuda:0") and calls["device"] == torch.device("cuda:0")
     # set before set_device initialises CUDA's allocator, which reads it once
     assert "expandable_segments:True" in calls["alloc"]
+    # the timeout is explicit (issue 25, defect 8): torch's default for the mixed group is 30 minutes
+    assert calls["timeout"] == datetime.timedelta(seconds=1800) and world.timeout_s == 1800
+    assert distributed.setup("cuda", timeout_s=90).timeout_s == 90 and calls["timeout"].total_seconds() == 90
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     distributed.setup("cuda")
     assert calls["alloc"] == "max_split_size_mb:128"  # the user's own value is kept
@@ -64,20 +69,29 @@ def test_one_process_on_a_named_gpu_makes_it_the_current_device(monkeypatch):
     assert distributed.setup("cpu").device == torch.device("cpu") and len(calls) == 3
 
 
+def test_the_fsdp_sync_group_has_the_runs_timeout(monkeypatch):
+    made = {}
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.update(kw))
+    distributed.OOMSync(timeout_s=45)
+    assert made == {"backend": "gloo", "timeout": datetime.timedelta(seconds=45)}
+
+
 # -- two real gloo processes: the children report through a queue, and every wait has a deadline
-def _child(fn, rank, init, results):
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+def _child(fn, rank, init, results, args=()):
+    if init:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        results.put((rank, ("ok", fn(rank))))
+        results.put((rank, ("ok", fn(rank, *args))))
     except Exception as e:  # noqa: BLE001 - reported to the test, which checks it
         results.put((rank, ("error", type(e).__name__, str(e))))
 
 
-def _two_ranks(fn, tmp_path, deadline_s=60.0) -> dict:
+def _two_ranks(fn, tmp_path, deadline_s=60.0, args=(), join=True) -> dict:
+    """fn(rank, *args) on two spawned ranks, in a gloo group (`join`) or making their own."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(fn, r, f"file://{tmp_path / 'rendezvous'}", results), daemon=True)
-             for r in range(2)]
+    init = f"file://{tmp_path / 'rendezvous'}" if join else None
+    procs = [ctx.Process(target=_child, args=(fn, r, init, results, args), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
     out, end = {}, time.monotonic() + deadline_s
@@ -115,6 +129,36 @@ def _flags_on_the_cpu(rank):
     except distributed.PeerOutOfMemory:
         peer = True
     return agreed, peer, devices
+
+
+def _stuck_peer(rank, port):
+    """The world set up as torchrun's ranks do it, with a 1 s timeout; rank 1 is stuck for 3 s."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    world = distributed.setup("cpu", timeout_s=1)
+    start = time.monotonic()
+    if rank == 1:
+        time.sleep(3)
+        return world.timeout_s
+    try:
+        distributed.any_rank(True)
+    except RuntimeError as e:
+        return f"{type(e).__name__} after {time.monotonic() - start:.1f} s: {e}"
+    return "no error"
+
+
+def test_a_stuck_peer_ends_a_collective_within_the_timeout(tmp_path):
+    """Issue 25, defect 8: every group's timeout is the run's (train_conf.collective_timeout_s), not torch's
+    30-minute default: rank 0 gives up on its stuck peer after about a second."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = _two_ranks(_stuck_peer, tmp_path, deadline_s=30, args=(port,), join=False)
+    assert out[1] == ("ok", 1), out
+    status, message = out[0]
+    assert status == "ok" and message.startswith(("RuntimeError after", "DistError after")), out
+    assert float(message.split(" after ")[1].split(" s")[0]) < 4, out
 
 
 def test_no_collective_gets_a_cuda_flag(tmp_path):
@@ -190,6 +234,38 @@ def test_fsdp_ranks_drop_a_micro_batch_together_when_one_runs_out_outside_the_bl
     pass's all-gather while rank 1 signalled its OOM (a hang until the group's timeout)."""
     out = _two_ranks(_fsdp_oom_in_the_predictor, tmp_path, deadline_s=60)
     assert out[0] == out[1] == ("ok", (1, ["u0", "u1", "u2", "u3"])), out
+
+
+def _fsdp_oom_in_its_all_gather(rank):
+    """Rank 1 runs out of memory inside FSDP's all-gather of encoder block 1, past the sync point before it:
+    rank 0 is already in that all-gather."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    from paratune.model.build import build_paraformer
+    from paratune.train.step import make_optimizer, train_step
+    from tests.train.test_guard import _batch
+    torch.manual_seed(0)
+    model, sync = distributed.shard(build_paraformer(digit_config(d=32, enc_blocks=2, dec_blocks=2), 14, 560).train())
+    real, calls = _fsdp_param_group.foreach_all_gather, []
+
+    def all_gather(*args, **kwargs):
+        calls.append(True)
+        if rank == 1 and len(calls) == 3:  # the root's, encoder block 0's, then block 1's
+            raise torch.OutOfMemoryError("injected in FSDP's all-gather")
+        return real(*args, **kwargs)
+    _fsdp_param_group.foreach_all_gather = all_gather
+    train_step(model, make_optimizer(model, lr=0.0), _batch(4, seed=rank), world_size=2, sharded=True,
+               agreement=sync)
+
+
+def test_fsdp_out_of_memory_in_its_own_buffers_stops_every_rank(tmp_path):
+    """Issue 25, defect 2: splitting in lockstep would leave NCCL out of step (rank 0 is inside the all-gather
+    rank 1 never joined); instead rank 1 stops with one line and rank 0 learns it lost a peer, at once."""
+    start = time.monotonic()
+    out = _two_ranks(_fsdp_oom_in_its_all_gather, tmp_path, deadline_s=60)
+    assert out[1][:2] == ("error", "OutOfMemoryStop") and "FSDP's own all-gather" in out[1][2], out
+    assert out[0][0] == "error" and out[0][1] in ("RuntimeError", "DistError", "DistNetworkError"), out
+    assert time.monotonic() - start < 30
 
 
 # -- one rank runs out of memory under torchrun: every rank drops the micro-batch with it

@@ -74,6 +74,35 @@ def test_resume_continues_where_the_checkpoint_was(digits, tmp_path, capsys, mon
     capsys.readouterr()
 
 
+def test_out_of_memory_where_a_split_cannot_help_stops_with_one_line(digits, tmp_path, capsys, monkeypatch):
+    """Issue 25, defect 4: out of memory in the optimizer step (AdamW's state, clipping) ends the run with
+    one line, exit status 2 and the last checkpoint intact, not a traceback."""
+    import torch
+
+    from paratune.train import finetune as finetune_module
+    real = finetune_module.prepare_model
+
+    def prepare_model(*args, **kwargs):  # the trainer's optimizer fails at its third step
+        ready, steps = real(*args, **kwargs), []
+
+        def no_room(*_):
+            steps.append(True)
+            if len(steps) == 3:
+                raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        ready.optimizer.register_step_pre_hook(no_room)
+        return ready
+    monkeypatch.setattr(finetune_module, "prepare_model", prepare_model)
+    exp = tmp_path / "exp"
+    code = main(["finetune", "--model", str(RECIPE_MODEL), "--from-scratch", "--train", str(digits["train"]),
+                 "--output", str(exp), "--budget", "1GiB", "++dataset_conf.max_batch=8",
+                 "++dataset_conf.num_workers=0", "++train_conf.save_checkpoint_interval=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: out of memory in the optimizer step") and "CUBLAS_STATUS_ALLOC_FAILED" in last
+    assert torch.load(exp / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 @pytest.mark.reference
 @pytest.mark.slow
 def test_final_directory_loads_in_funasr(digits, tmp_path, capsys, monkeypatch, funasr):
