@@ -309,8 +309,10 @@ class Finetune:
         """Validation loss and CER; the weights kept if among the keep_nbest_models best by CER."""
         if self.valid is None:
             return
-        if self.lead or self.opts.fsdp:  # under FSDP every rank takes part in every forward
-            result = validate(self.asr, self.valid[0], self.valid[1], self.world.device, hotwords=self.hotwords)
+        # every rank validates its share (under FSDP every rank takes part in every forward anyway)
+        result = validate(self.asr, self.valid[0], self.valid[1], self.world.device, hotwords=self.hotwords,
+                          world_size=self.world.size, rank=self.world.rank)
+        if self.lead or self.opts.fsdp:
             weights = checkpoint.full_state(self.model, None, self.opts.fsdp)[0]  # a collective under FSDP
         if not self.lead:
             return
