@@ -8,9 +8,10 @@ without one, padded frames B x T against `max_frames`.
 
 Under DDP every rank must take the same number of steps (else the collective calls hang) and no
 utterance may be lost or seen twice: the largest batches are halved until the count divides by the
-world size (a half of a fitting batch fits), batches are grouped by similar cost into steps of
-`world_size`, and rank r takes the r-th batch of every step. Like Lhotse's samplers it is
-deterministic given the seed, and `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
+world size (a half of a fitting batch fits; where every batch is one utterance, empty batches make
+up the count, which the loader turns into placeholders that train nothing), batches are grouped by
+similar cost into steps of `world_size`, and rank r takes the r-th batch of every step. Like Lhotse's
+samplers it is deterministic given the seed, and `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
 """
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ class MemoryBoundedSampler:
         return b * t <= self.max_frames
 
     def cost(self, batch: np.ndarray) -> float:
+        if not len(batch):  # a placeholder (`_divisible`)
+            return 0.0
         b, t, u = len(batch), self.padded(int(self.frames[batch].max())), int(self.tokens[batch].max())
         if self.limit is not None:
             return float(self.limit.need(b, t, u))
@@ -157,6 +160,9 @@ class MemoryBoundedSampler:
         batches = list(batches)
         while len(batches) % self.world_size:
             big = max(range(len(batches)), key=lambda i: (len(batches[i]), i))
+            if len(batches[big]) < 2:  # every batch is one utterance: an empty batch, the loader's placeholder
+                batches.append(batches[big][:0])
+                continue
             b = batches.pop(big)
             half = len(b) // 2
             batches += [b[:half], b[half:]]

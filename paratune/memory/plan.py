@@ -313,7 +313,7 @@ class Plan:
     def batch_shapes(self) -> np.ndarray:
         """(B, T, U) per batch, T planned (slowest speed) and padded as the sampler pads it."""
         pad, frames = self.sampler.padded, self.run.frames
-        return np.array([(len(b), pad(int(frames[b].max())), self.lengths.tokens[b].max())
+        return np.array([(len(b), pad(int(frames[b].max())), self.lengths.tokens[b].max()) if len(b) else (0, 0, 0)
                          for b in self.batches], dtype=np.int64).reshape(-1, 3)
 
     def predicted(self) -> np.ndarray:
@@ -377,7 +377,7 @@ def make_plan(run: RunPlan, lengths: Lengths, frame_seconds: float) -> Plan:
     except ValueError as e:
         raise PlanError(str(e)) from e
     order = [(pos, r) for pos in range(len(per_rank[0])) for r in range(world)]
-    batches = [np.asarray(per_rank[r][pos]) for pos, r in order]
+    batches = [np.asarray(per_rank[r][pos], dtype=np.int64) for pos, r in order]
     alone = run.sampler.excluded(0)
     rate = float(np.median(lengths.tokens / np.maximum(lengths.frames, 1)))
     excluded = []

@@ -139,3 +139,17 @@ def test_more_ranks_than_utterances_is_refused():
     s = MemoryBoundedSampler([10, 20], [1, 1], max_frames=100, world_size=4, rank=0)
     with pytest.raises(ValueError, match="cannot give each of 4 ranks"):
         s.batches(0)
+
+
+def test_ranks_get_as_many_batches_when_every_batch_is_one_utterance(tmp_path):
+    """Three clips too long to share a batch, two ranks: a one-utterance batch cannot be halved (it was,
+    into an empty half whose cost raised numpy's "zero-size array" error), so an empty batch makes up the
+    count, and the loader makes it a placeholder that trains no key."""
+    from paratune.data.loader import collate
+    ranks = [MemoryBoundedSampler([100, 100, 100], [5, 5, 5], max_frames=150, shuffle=False, world_size=2,
+                                  rank=r).batches(0) for r in range(2)]
+    assert [len(b) for b in ranks] == [2, 2]
+    assert sorted(i for batches in ranks for b in batches for i in b) == [0, 1, 2]
+    assert sorted(len(b) for batches in ranks for b in batches) == [0, 1, 1, 1]
+    placeholder = collate([], feature_dim=560)
+    assert placeholder["keys"] == [] and tuple(placeholder["speech"].shape) == (1, 8, 560)

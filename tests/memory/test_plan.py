@@ -30,6 +30,20 @@ def _plan(capsys, *args):
     return code, out.out, out.err
 
 
+def test_two_ranks_of_three_clips_that_only_fit_alone(capsys, tmp_path):
+    """An odd count of one-utterance batches: an empty batch (a placeholder step) makes each rank's count
+    equal (it raised numpy's "zero-size array" error in the sampler, then in the plan's report)."""
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"key": k, "source": f"{k}.wav", "source_len": 3000, "target_len": 20}) + "\n"
+                            for k in "abc"))
+    code, out, err = _plan(capsys, "--data", data, "--budget", "100MiB", "--world-size", 2, "--json",
+                           "--checkpointing", "off")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert sorted((b["rank"], b["size"]) for b in plan["batches"]) == [(0, 0), (0, 1), (1, 1), (1, 1)]
+    assert sorted(k for b in plan["batches"] for k in b["keys"]) == ["a", "b", "c"] and not plan["excluded"]
+
+
 def test_every_utterance_is_in_exactly_one_batch_within_budget(capsys, manifest):
     code, out, err = _plan(capsys, "--data", manifest, "--budget", "160MiB", "--json", "--checkpointing", "off")
     assert code == 0, err
