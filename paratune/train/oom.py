@@ -74,17 +74,15 @@ def default_budget(device: torch.device, free_per_rank=None) -> tuple[int, str]:
     context exists (other processes and the context excluded), the least any rank saw (`free_per_rank`:
     gathers every rank's figure; ranks must plan alike), less a reserve of 1 GiB + 5 % of the card. On a
     CPU: 8 GiB of tensors."""
+    from paratune.memory.plan import gib  # here: the plan imports the step, which imports this module
     if device.type != "cuda":
-        return CPU_BUDGET, f"{_gib(CPU_BUDGET)} of CPU tensors (the default without a GPU)"
+        return CPU_BUDGET, f"{gib(CPU_BUDGET)} of CPU tensors (the default without a GPU)"
     free, total = torch.cuda.mem_get_info(device)
     free = min(free_per_rank(free)) if free_per_rank else free
     reserve = RESERVE_BYTES + int(RESERVE_SHARE * total)
-    why = (f"{_gib(free)} free of the card's {_gib(total)} once the CUDA context exists, less a reserve of "
-           f"{_gib(reserve)} (1 GiB + 5 %) for cuBLAS and cuDNN workspaces, NCCL buffers and fragmentation")
+    why = (f"{gib(free)} free of the card's {gib(total)} once the CUDA context exists, less a reserve of "
+           f"{gib(reserve)} (1 GiB + 5 %) for cuBLAS and cuDNN workspaces, NCCL buffers and fragmentation")
     if free - reserve <= 0:
         raise OutOfMemoryStop(f"no budget is left on {device}: {why}; free the card or give --budget")
-    return free - reserve, f"{_gib(free - reserve)}: {why}"
+    return free - reserve, f"{gib(free - reserve)}: {why}"
 
-
-def _gib(n: float) -> str:  # as paratune.memory.plan.gib (importing that here would be circular)
-    return f"{n / 2**30:.2f} GiB"

@@ -274,7 +274,7 @@ def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device,
     on any rank (all ranks agree), or None; whether it was this rank's own OOM; and the stats."""
     stats = []
     for i, m in enumerate(plan):
-        error = None
+        error, own = None, False
         try:
             with agreement.micro_batch():
                 stats.append(backward_batch(model, m.batch, m.scale, autocast_dtype, scaler, device))
@@ -291,7 +291,7 @@ def _run_micro_batches(model, plan: list[Micro], autocast_dtype, scaler, device,
             if on_oom:  # under DDP a rank learns of another's OOM only here
                 on_oom(error or distributed.PeerOutOfMemory("another rank ran out of memory; dropping this "
                                                             "micro-batch with it"), len(m.batch["speech_lengths"]))
-            return i, error is not None and oom.is_oom(error), stats
+            return i, own, stats
     return None, False, stats
 
 

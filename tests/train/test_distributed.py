@@ -207,16 +207,21 @@ def test_lead_first_does_not_wait_for_ever_on_a_stuck_rank_0(tmp_path):
     assert time.monotonic() - start < 30
 
 
+def _sharded_digit_model():
+    """A small Paraformer with the glancing pass on (sampling_ratio > 0), FSDP-sharded over the two ranks."""
+    from paratune.model.build import build_paraformer
+    config = digit_config(d=32, enc_blocks=2, dec_blocks=2)
+    assert config["model_conf"]["sampling_ratio"] > 0
+    torch.manual_seed(0)
+    return distributed.shard(build_paraformer(config, 14, 560).train())
+
+
 def _fsdp_oom_in_the_predictor(rank):
     """Rank 1 runs out of memory in the CIF predictor (between the encoder's last block and the decoder's
     first); rank 0 goes on to the glancing pass, which all-gathers every decoder block under no_grad."""
-    from paratune.model.build import build_paraformer
     from paratune.train.step import make_optimizer, train_step
     from tests.train.test_guard import _batch
-    config = digit_config(d=32, enc_blocks=2, dec_blocks=2)
-    assert config["model_conf"]["sampling_ratio"] > 0  # the glancing pass runs
-    torch.manual_seed(0)
-    model, sync = distributed.shard(build_paraformer(config, 14, 560).train())
+    model, sync = _sharded_digit_model()
     fired = []
 
     def oom(module, args):
@@ -241,11 +246,9 @@ def _fsdp_oom_in_its_all_gather(rank):
     rank 0 is already in that all-gather."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
-    from paratune.model.build import build_paraformer
     from paratune.train.step import make_optimizer, train_step
     from tests.train.test_guard import _batch
-    torch.manual_seed(0)
-    model, sync = distributed.shard(build_paraformer(digit_config(d=32, enc_blocks=2, dec_blocks=2), 14, 560).train())
+    model, sync = _sharded_digit_model()
     real, calls = _fsdp_param_group.foreach_all_gather, []
 
     def all_gather(*args, **kwargs):
